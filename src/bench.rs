@@ -1,0 +1,242 @@
+//! `tally bench`: figures, not a timed test. Prints one JSON object:
+//!
+//! - `throughput`: no-op handler, full claim → complete cycle, W in-process workers, on a
+//!   queue prefilled with N tasks; tasks/s from the first claim until every order is COMPLETED.
+//! - `pickup`: with the fleet idle, single-unit orders submitted at random gaps; latency from
+//!   the submit call to the handler's start (so it includes generation and both NOTIFY hops).
+//! - `fanout`: time for the generator to fan out a 1,000,000-unit order (2,500 tasks), and a
+//!   10,000,000-unit one.
+//!
+//! Runs on a throwaway *durable* cluster (fsync on) unless `--database-url` is given.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::generator::{Generator, GeneratorConfig};
+use crate::handler::{BoxFuture, Handler, HandlerError, Handlers, TaskInput};
+use crate::intake::{IntakeDefaults, OrderRequest};
+use crate::pgtemp::{ClusterOptions, TempCluster};
+use crate::shutdown::{self, Shutdown};
+use crate::store::{Store, StoreOptions};
+use crate::worker::{Worker, WorkerConfig};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Use this database (it must be empty or a Tally database you can spare).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Tasks in the throughput run.
+    #[arg(long, default_value_t = 200_000)]
+    pub tasks: u64,
+    /// In-process workers.
+    #[arg(long, default_value_t = 4)]
+    pub workers: u32,
+    /// Claim batch size per worker.
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: u32,
+    /// Concurrency per worker.
+    #[arg(long, default_value_t = 1000)]
+    pub concurrency: u32,
+    /// Pickup-latency samples.
+    #[arg(long, default_value_t = 50)]
+    pub pickup_samples: u32,
+}
+
+/// Answers at once, and tells the bench when it started.
+struct Probe(mpsc::UnboundedSender<(Uuid, Instant)>);
+
+impl Handler for Probe {
+    fn deliver<'a>(&'a self, task: &'a TaskInput) -> BoxFuture<'a, Result<u32, HandlerError>> {
+        let _ = self.0.send((task.order_id, Instant::now()));
+        Box::pin(async move { Ok(task.quantity) })
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let (cluster, url) = match &args.database_url {
+        Some(u) => (None, u.clone()),
+        None => {
+            let c = tokio::task::spawn_blocking(|| {
+                TempCluster::start(ClusterOptions {
+                    durable: true,
+                    extra_settings: vec![
+                        ("shared_buffers".into(), "1GB".into()),
+                        ("max_wal_size".into(), "8GB".into()),
+                        ("checkpoint_timeout".into(), "15min".into()),
+                    ],
+                    ..Default::default()
+                })
+            })
+            .await?
+            .context("starting a throwaway PostgreSQL")?;
+            let u = c.url("postgres");
+            (Some(c), u)
+        }
+    };
+    let store = Store::connect(&StoreOptions {
+        pool_size_max: args.workers * 2 + 4,
+        ..StoreOptions::new(&url)
+    })
+    .await?;
+    store.migrate().await?;
+    let gen_cfg = GeneratorConfig {
+        orders_per_pass_max: 1000,
+        poll_interval: Duration::from_millis(1000),
+    };
+    let generator = Generator::new(store.clone(), gen_cfg.clone(), "bench".into());
+
+    // Throughput: prefill N tasks (orders of up to 10,000 single-unit tasks), then drain.
+    eprintln!("prefilling {} tasks …", args.tasks);
+    let mut left = args.tasks;
+    while left > 0 {
+        let q = left.min(10_000);
+        submit(&store, "noop", q, 1).await?;
+        left -= q;
+    }
+    while generator.run_once().await?.orders > 0 {}
+    sqlx::query("VACUUM ANALYZE order_tasks").execute(store.pool()).await?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handlers = Handlers::new().with("noop", Arc::new(Probe(tx)));
+    let worker_cfg = WorkerConfig {
+        batch_size_max: args.batch_size,
+        concurrency_max: args.concurrency,
+        poll_interval: Duration::from_millis(1000),
+        lease_ttl: Duration::from_secs(60),
+        ..WorkerConfig::default()
+    };
+    let (trigger, stop) = shutdown::channel();
+    eprintln!("draining with {} workers …", args.workers);
+    let started = Instant::now();
+    let fleet = start_workers(&store, &worker_cfg, &handlers, args.workers, &stop);
+    loop {
+        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status <> 'COMPLETED'")
+            .fetch_one(store.pool())
+            .await?;
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drain = started.elapsed();
+    while rx.try_recv().is_ok() {}
+    let throughput = args.tasks as f64 / drain.as_secs_f64();
+    eprintln!("throughput: {throughput:.0} tasks/s");
+
+    // Pickup latency: the fleet is idle; submit single-unit orders at random gaps.
+    let gen_task = tokio::spawn(Generator::new(store.clone(), gen_cfg, "bench".into()).run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut samples = Vec::with_capacity(args.pickup_samples as usize);
+    for _ in 0..args.pickup_samples {
+        tokio::time::sleep(Duration::from_millis(50 + fastrand::u64(0..500))).await;
+        let t0 = Instant::now();
+        let id = submit(&store, "noop", 1, 1).await?;
+        let started_at = loop {
+            let (order, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .context("a pickup sample was not picked up within 10 s")?
+                .context("probe channel closed")?;
+            if order == id {
+                break at;
+            }
+        };
+        samples.push(started_at.duration_since(t0).as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    trigger.fire();
+    for w in fleet {
+        let _ = w.await;
+    }
+    let _ = gen_task.await;
+
+    // Fan-out: generation time of one big order each (no worker claims kind "fanout").
+    let mut fanout = serde_json::Map::new();
+    for quantity in [1_000_000u64, 10_000_000] {
+        submit(&store, "fanout", quantity, 400).await?;
+        let t = Instant::now();
+        let r = generator.run_once().await?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        fanout.insert(
+            format!("units_{quantity}"),
+            json!({"tasks": r.tasks, "ms": round(ms)}),
+        );
+    }
+
+    let server_version: String = sqlx::query_scalar("SHOW server_version").fetch_one(store.pool()).await?;
+    let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(store.pool()).await?;
+    let out = json!({
+        "postgres": {"version": server_version, "fsync": fsync},
+        "throughput": {
+            "tasks": args.tasks, "workers": args.workers, "batch_size": args.batch_size,
+            "concurrency": args.concurrency, "seconds": round(drain.as_secs_f64()),
+            "tasks_per_sec": round(throughput),
+        },
+        "pickup_ms": {
+            "samples": samples.len(),
+            "p50": round(percentile(&samples, 0.50)),
+            "p99": round(percentile(&samples, 0.99)),
+            "max": round(samples.last().copied().unwrap_or(0.0)),
+        },
+        "fanout": fanout,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    store.close().await;
+    if let Some(c) = cluster {
+        tokio::task::spawn_blocking(move || drop(c)).await?;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn start_workers(
+    store: &Store,
+    cfg: &WorkerConfig,
+    handlers: &Handlers,
+    n: u32,
+    stop: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<crate::worker::WorkerReport>> {
+    (0..n)
+        .map(|_| {
+            let w = Worker::new(
+                store.clone(),
+                cfg.clone(),
+                handlers.clone(),
+                Uuid::new_v4(),
+                Default::default(),
+            );
+            tokio::spawn(w.run(stop.clone()))
+        })
+        .collect()
+}
+
+async fn submit(store: &Store, kind: &str, quantity: u64, chunk: u64) -> anyhow::Result<Uuid> {
+    let req = OrderRequest {
+        kind: kind.into(),
+        target: "bench".into(),
+        quantity,
+        chunk_size: Some(chunk),
+        priority: 0,
+        max_attempts: None,
+    };
+    match crate::intake::submit(store, &req, IntakeDefaults::default(), None).await? {
+        crate::store::IntakeOutcome::Created(id) => Ok(id),
+        other => anyhow::bail!("unexpected intake outcome {other:?}"),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn round(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}

@@ -1,0 +1,388 @@
+//! Every setting: a CLI flag and a `TALLY_` environment variable, with its default and its
+//! bounds. A bad value refuses to start with a message that names the variable.
+
+use std::fmt::Display;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::Backoff;
+use crate::generator::GeneratorConfig;
+use crate::handler::SimulateConfig;
+use crate::store::StoreOptions;
+use crate::sweeper::SweeperConfig;
+use crate::worker::WorkerConfig;
+
+/// A parser that accepts numbers in `[min, max]` and names the environment variable when it
+/// refuses one (clap names the flag).
+fn bounded<T>(
+    env: &'static str,
+    min: T,
+    max: T,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: FromStr + PartialOrd + Display + Copy + Send + Sync + 'static,
+{
+    move |s: &str| match s.trim().parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(format!(
+            "{env} must be a number between {min} and {max}, got {s:?}"
+        )),
+    }
+}
+
+fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v)
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Tally: a PostgreSQL-native order delivery engine",
+    long_about = "Orders fan out into chunked tasks that a fleet of workers delivers exactly once, on PostgreSQL."
+)]
+pub struct Cli {
+    /// Log format: text or json (RUST_LOG sets the level).
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply database migrations and exit.
+    Migrate(MigrateArgs),
+    /// Run the selected roles until SIGTERM/SIGINT.
+    Serve(Box<ServeArgs>),
+    /// Deliver a demo order on a throwaway PostgreSQL, with live progress and a verdict.
+    Demo(Box<crate::demo::DemoArgs>),
+    /// Measure throughput, pickup latency and fan-out time; prints JSON.
+    Bench(Box<crate::bench::BenchArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// Database connection settings.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL, e.g. postgres://tally@db:5432/tally.
+    #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Connections each process may hold (budget: pods × this ≤ max_connections).
+    #[arg(long, env = "TALLY_DB_POOL_SIZE", default_value = "10",
+          value_parser = bounded::<u32>("TALLY_DB_POOL_SIZE", 2, 1000))]
+    pub db_pool_size: u32,
+    /// Server-side statement_timeout, seconds; each call's client deadline is 5 s more.
+    #[arg(long, env = "TALLY_DB_STATEMENT_TIMEOUT_SEC", default_value = "30",
+          value_parser = bounded::<f64>("TALLY_DB_STATEMENT_TIMEOUT_SEC", 0.1, 3600.0))]
+    pub db_statement_timeout_sec: f64,
+}
+
+impl DbArgs {
+    pub fn store_options(&self, application_name: &str) -> Result<StoreOptions, String> {
+        let url = self
+            .database_url
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .ok_or("TALLY_DATABASE_URL (--database-url) is required")?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err("TALLY_DATABASE_URL must start with postgres:// or postgresql://".into());
+        }
+        Ok(StoreOptions {
+            url,
+            pool_size_max: self.db_pool_size,
+            statement_timeout: secs(self.db_statement_timeout_sec),
+            call_timeout: secs(self.db_statement_timeout_sec + 5.0),
+            application_name: application_name.into(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Role {
+    Generator,
+    Worker,
+    Sweeper,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Roles this process runs, comma-separated.
+    #[arg(long, env = "TALLY_ROLES", value_enum, value_delimiter = ',',
+          default_value = "generator,worker,sweeper")]
+    pub roles: Vec<Role>,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    #[command(flatten)]
+    pub sweeper: SweeperArgs,
+    #[command(flatten)]
+    pub simulate: SimulateArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Run the worker role (false removes it from TALLY_ROLES).
+    #[arg(long, env = "TALLY_WORKER_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub worker_enabled: bool,
+    /// Most tasks claimed by one statement.
+    #[arg(long, env = "TALLY_WORKER_BATCH_SIZE", default_value = "100",
+          value_parser = bounded::<u32>("TALLY_WORKER_BATCH_SIZE", 1, 10_000))]
+    pub worker_batch_size: u32,
+    /// Most tasks executing at once in one process.
+    #[arg(long, env = "TALLY_WORKER_CONCURRENCY", default_value = "32",
+          value_parser = bounded::<u32>("TALLY_WORKER_CONCURRENCY", 1, 10_000))]
+    pub worker_concurrency: u32,
+    /// Longest one attempt may run, seconds; then it is cancelled as a TimeoutError.
+    #[arg(long, env = "TALLY_CLAIM_TIMEOUT_SEC", default_value = "300",
+          value_parser = bounded::<f64>("TALLY_CLAIM_TIMEOUT_SEC", 0.1, 86_400.0))]
+    pub claim_timeout_sec: f64,
+    /// Worker lease, seconds: a claim whose worker stops heartbeating is rescued after this.
+    #[arg(long, env = "TALLY_LEASE_TTL_SEC", default_value = "15",
+          value_parser = bounded::<f64>("TALLY_LEASE_TTL_SEC", 0.5, 3600.0))]
+    pub lease_ttl_sec: f64,
+    /// Longest wait between claims when no NOTIFY arrives, milliseconds.
+    #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value = "1000",
+          value_parser = bounded::<u64>("TALLY_POLL_INTERVAL_MS", 10, 60_000))]
+    pub poll_interval_ms: u64,
+    /// On SIGTERM, how long running attempts may take to finish before they are handed back.
+    #[arg(long, env = "TALLY_SHUTDOWN_GRACE_SEC", default_value = "25",
+          value_parser = bounded::<f64>("TALLY_SHUTDOWN_GRACE_SEC", 0.0, 3600.0))]
+    pub shutdown_grace_sec: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RetryArgs {
+    /// Attempts per task before it is dead-lettered.
+    #[arg(long, env = "TALLY_MAX_RETRIES", default_value = "3",
+          value_parser = bounded::<u32>("TALLY_MAX_RETRIES", 1, 100))]
+    pub max_retries: u32,
+    /// Units per task when an order names no chunk size.
+    #[arg(long, env = "TALLY_DEFAULT_CHUNK_SIZE", default_value = "400",
+          value_parser = bounded::<u32>("TALLY_DEFAULT_CHUNK_SIZE", 1, crate::domain::chunk::CHUNK_SIZE_MAX))]
+    pub default_chunk_size: u32,
+    /// First retry delay, seconds.
+    #[arg(long, env = "TALLY_BACKOFF_BASE_SEC", default_value = "5",
+          value_parser = bounded::<f64>("TALLY_BACKOFF_BASE_SEC", 0.001, 86_400.0))]
+    pub backoff_base_sec: f64,
+    /// Growth factor of the retry delay.
+    #[arg(long, env = "TALLY_BACKOFF_MULTIPLIER", default_value = "2",
+          value_parser = bounded::<f64>("TALLY_BACKOFF_MULTIPLIER", 1.0, 10.0))]
+    pub backoff_multiplier: f64,
+    /// Longest retry delay, seconds.
+    #[arg(long, env = "TALLY_BACKOFF_MAX_SEC", default_value = "3600",
+          value_parser = bounded::<f64>("TALLY_BACKOFF_MAX_SEC", 0.001, 604_800.0))]
+    pub backoff_max_sec: f64,
+    /// Fraction by which a delay may be shortened at random (at most 1 - 1/multiplier).
+    #[arg(long, env = "TALLY_BACKOFF_JITTER", default_value = "0.2",
+          value_parser = bounded::<f64>("TALLY_BACKOFF_JITTER", 0.0, 0.9))]
+    pub backoff_jitter: f64,
+}
+
+impl RetryArgs {
+    pub fn backoff(&self) -> Result<Backoff, String> {
+        if self.backoff_base_sec > self.backoff_max_sec {
+            return Err(format!(
+                "TALLY_BACKOFF_BASE_SEC ({}) must not exceed TALLY_BACKOFF_MAX_SEC ({})",
+                self.backoff_base_sec, self.backoff_max_sec
+            ));
+        }
+        Backoff::new(
+            secs(self.backoff_base_sec),
+            self.backoff_multiplier,
+            secs(self.backoff_max_sec),
+            self.backoff_jitter,
+        )
+        .map_err(|e| format!("TALLY_BACKOFF_JITTER / TALLY_BACKOFF_MULTIPLIER: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SweeperArgs {
+    /// Leader lease, seconds.
+    #[arg(long, env = "TALLY_LEADER_TTL_SEC", default_value = "15",
+          value_parser = bounded::<f64>("TALLY_LEADER_TTL_SEC", 0.5, 3600.0))]
+    pub leader_ttl_sec: f64,
+    /// Sweeper tick (lease renewal, orphan rescue), milliseconds.
+    #[arg(long, env = "TALLY_SWEEP_INTERVAL_MS", default_value = "1000",
+          value_parser = bounded::<u64>("TALLY_SWEEP_INTERVAL_MS", 10, 600_000))]
+    pub sweep_interval_ms: u64,
+    /// How often running orders are re-audited, seconds.
+    #[arg(long, env = "TALLY_AUDIT_INTERVAL_SEC", default_value = "10",
+          value_parser = bounded::<f64>("TALLY_AUDIT_INTERVAL_SEC", 0.01, 86_400.0))]
+    pub audit_interval_sec: f64,
+    /// An order PROCESSING longer than this many hours is reported as stuck.
+    #[arg(long, env = "TALLY_STUCK_ORDER_HOURS", default_value = "2",
+          value_parser = bounded::<f64>("TALLY_STUCK_ORDER_HOURS", 0.001, 8760.0))]
+    pub stuck_order_hours: f64,
+    /// Finished orders' tasks and audit rows move to the archive after this many days.
+    #[arg(long, env = "TALLY_RETENTION_DAYS", default_value = "30",
+          value_parser = bounded::<u32>("TALLY_RETENTION_DAYS", 1, 3650))]
+    pub retention_days: u32,
+    /// Most rows moved per table per retention pass.
+    #[arg(long, env = "TALLY_RETENTION_BATCH", default_value = "5000",
+          value_parser = bounded::<u32>("TALLY_RETENTION_BATCH", 1, 1_000_000))]
+    pub retention_batch: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Median latency of the simulate handler, milliseconds (0: no-op).
+    #[arg(long, env = "TALLY_SIMULATE_LATENCY_MS", default_value = "20",
+          value_parser = bounded::<f64>("TALLY_SIMULATE_LATENCY_MS", 0.0, 3_600_000.0))]
+    pub simulate_latency_ms: f64,
+    /// Log-normal spread of that latency.
+    #[arg(long, env = "TALLY_SIMULATE_LATENCY_SIGMA", default_value = "0.5",
+          value_parser = bounded::<f64>("TALLY_SIMULATE_LATENCY_SIGMA", 0.0, 3.0))]
+    pub simulate_latency_sigma: f64,
+    /// Probability of a retryable failure per attempt.
+    #[arg(long, env = "TALLY_SIMULATE_TRANSIENT_FAILURE_RATE", default_value = "0",
+          value_parser = bounded::<f64>("TALLY_SIMULATE_TRANSIENT_FAILURE_RATE", 0.0, 1.0))]
+    pub simulate_transient_failure_rate: f64,
+    /// Probability of a permanent failure per attempt.
+    #[arg(long, env = "TALLY_SIMULATE_PERMANENT_FAILURE_RATE", default_value = "0",
+          value_parser = bounded::<f64>("TALLY_SIMULATE_PERMANENT_FAILURE_RATE", 0.0, 1.0))]
+    pub simulate_permanent_failure_rate: f64,
+    /// Seed for reproducible simulations.
+    #[arg(long, env = "TALLY_SIMULATE_SEED")]
+    pub simulate_seed: Option<u64>,
+}
+
+impl SimulateArgs {
+    pub fn config(&self) -> Result<SimulateConfig, String> {
+        if self.simulate_transient_failure_rate + self.simulate_permanent_failure_rate > 1.0 {
+            return Err("TALLY_SIMULATE_TRANSIENT_FAILURE_RATE + TALLY_SIMULATE_PERMANENT_FAILURE_RATE must not exceed 1".into());
+        }
+        Ok(SimulateConfig {
+            latency_median: Duration::from_secs_f64(self.simulate_latency_ms / 1000.0),
+            latency_sigma: self.simulate_latency_sigma,
+            transient_failure_rate: self.simulate_transient_failure_rate,
+            permanent_failure_rate: self.simulate_permanent_failure_rate,
+            seed: self.simulate_seed,
+        })
+    }
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub roles: Vec<Role>,
+    pub store: StoreOptions,
+    pub worker: WorkerConfig,
+    pub generator: GeneratorConfig,
+    pub sweeper: SweeperConfig,
+    pub leader_ttl: Duration,
+    pub simulate: SimulateConfig,
+}
+
+impl ServeArgs {
+    /// Cross-checks the settings and builds the services' configurations.
+    pub fn settings(&self) -> Result<ServeSettings, String> {
+        let mut roles = self.roles.clone();
+        roles.sort();
+        roles.dedup();
+        if !self.worker.worker_enabled {
+            roles.retain(|r| *r != Role::Worker);
+        }
+        if roles.is_empty() {
+            return Err("TALLY_ROLES selects no role (and TALLY_WORKER_ENABLED=false removed the worker)".into());
+        }
+        let backoff = self.retry.backoff()?;
+        let w = &self.worker;
+        if w.claim_timeout_sec < 0.1 {
+            return Err("TALLY_CLAIM_TIMEOUT_SEC must be at least 0.1".into());
+        }
+        let poll = Duration::from_millis(w.poll_interval_ms);
+        Ok(ServeSettings {
+            roles,
+            store: self.db.store_options("tally")?,
+            worker: WorkerConfig {
+                batch_size_max: w.worker_batch_size,
+                concurrency_max: w.worker_concurrency,
+                lease_ttl: secs(w.lease_ttl_sec),
+                claim_timeout: secs(w.claim_timeout_sec),
+                poll_interval: poll,
+                shutdown_grace: secs(w.shutdown_grace_sec),
+                backoff,
+            },
+            generator: GeneratorConfig {
+                orders_per_pass_max: 50,
+                poll_interval: poll,
+            },
+            sweeper: SweeperConfig {
+                tick_interval: Duration::from_millis(self.sweeper.sweep_interval_ms),
+                audit_interval: secs(self.sweeper.audit_interval_sec),
+                stuck_after: secs(self.sweeper.stuck_order_hours * 3600.0),
+                retention_days: self.sweeper.retention_days,
+                retention_batch_max: self.sweeper.retention_batch,
+                backoff,
+                ..SweeperConfig::default()
+            },
+            leader_ttl: secs(self.sweeper.leader_ttl_sec),
+            simulate: self.simulate.config()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tally").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_follow_the_runbook() {
+        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y"]).unwrap().command else {
+            panic!("serve expected")
+        };
+        let st = s.settings().unwrap();
+        assert_eq!(st.roles, vec![Role::Generator, Role::Worker, Role::Sweeper]);
+        assert_eq!(st.worker.claim_timeout, Duration::from_secs(300));
+        assert_eq!(s.retry.max_retries, 3);
+        assert_eq!(s.retry.default_chunk_size, 400);
+        assert_eq!(st.worker.backoff.base(), Duration::from_secs(5));
+        assert_eq!(st.sweeper.retention_days, 30);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let err = parse(&["serve", "--worker-batch-size", "0"]).unwrap_err().to_string();
+        assert!(err.contains("TALLY_WORKER_BATCH_SIZE"), "{err}");
+        let err = parse(&["serve", "--lease-ttl-sec", "soon"]).unwrap_err().to_string();
+        assert!(err.contains("TALLY_LEASE_TTL_SEC"), "{err}");
+        let err = parse(&["serve", "--roles", "generator,api2"]).unwrap_err().to_string();
+        assert!(err.contains("api2"), "{err}");
+    }
+
+    #[test]
+    fn cross_checks_name_their_variables() {
+        let Command::Serve(s) = parse(&["serve"]).unwrap().command else { panic!() };
+        assert!(s.settings().unwrap_err().contains("TALLY_DATABASE_URL"));
+        let Command::Serve(s) = parse(&["serve", "--database-url", "mysql://x"]).unwrap().command else { panic!() };
+        assert!(s.settings().unwrap_err().contains("TALLY_DATABASE_URL"));
+        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y", "--backoff-base-sec", "10", "--backoff-max-sec", "5"]).unwrap().command else { panic!() };
+        assert!(s.settings().unwrap_err().contains("TALLY_BACKOFF_BASE_SEC"));
+        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y", "--backoff-jitter", "0.8"]).unwrap().command else { panic!() };
+        assert!(s.settings().unwrap_err().contains("TALLY_BACKOFF_JITTER"));
+        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y", "--roles", "worker", "--worker-enabled", "false"]).unwrap().command else { panic!() };
+        assert!(s.settings().unwrap_err().contains("TALLY_ROLES"));
+    }
+}

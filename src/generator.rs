@@ -1,0 +1,96 @@
+//! The generator role: PENDING orders → tasks, set-based (see `store::orders::GENERATE`).
+//! Any number of generators may run: SKIP LOCKED splits the orders between them and the
+//! write re-checks `status = 'PENDING'`, so an order is never fanned out twice.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+
+use crate::shutdown::Shutdown;
+use crate::store::{ORDERS_CHANNEL, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct GeneratorConfig {
+    /// Most orders fanned out by one statement.
+    pub orders_per_pass_max: u32,
+    /// Longest wait between passes when no NOTIFY arrives.
+    pub poll_interval: Duration,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        Self {
+            orders_per_pass_max: 50,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What one pass generated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GenerateReport {
+    pub orders: u64,
+    pub tasks: u64,
+}
+
+pub struct Generator {
+    store: Store,
+    config: GeneratorConfig,
+    actor: String,
+}
+
+impl Generator {
+    pub fn new(store: Store, config: GeneratorConfig, actor: String) -> Self {
+        Self {
+            store,
+            config,
+            actor,
+        }
+    }
+
+    /// One bounded pass.
+    pub async fn run_once(&self) -> Result<GenerateReport, StoreError> {
+        let (orders, tasks) = self
+            .store
+            .generate_tasks(self.config.orders_per_pass_max, &self.actor)
+            .await?;
+        if orders > 0 {
+            tracing::info!(orders, tasks, "generated tasks");
+        }
+        Ok(GenerateReport { orders, tasks })
+    }
+
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut listener: Option<PgListener> = None;
+        while !shutdown.is_triggered() {
+            // Drain: keep going while full passes come back.
+            match self.run_once().await {
+                Ok(r) if r.orders >= u64::from(self.config.orders_per_pass_max) => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "generation pass failed"),
+            }
+            if listener.is_none() {
+                listener = match PgListener::connect_with(self.store.pool()).await {
+                    Ok(mut l) => l.listen(ORDERS_CHANNEL).await.ok().map(|_| l),
+                    Err(_) => None,
+                };
+            }
+            let wait = async {
+                match listener.as_mut() {
+                    Some(l) => match tokio::time::timeout(self.config.poll_interval, l.try_recv()).await {
+                        Ok(Ok(Some(_))) | Err(_) => true,
+                        Ok(_) => false,
+                    },
+                    None => {
+                        tokio::time::sleep(self.config.poll_interval).await;
+                        true
+                    }
+                }
+            };
+            tokio::select! {
+                healthy = wait => if !healthy { listener = None; },
+                _ = shutdown.wait() => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `tally_control`: the cluster-wide operator switches (global pause, batch-size override).
+
+use super::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Control {
+    pub paused: bool,
+    pub batch_size_override: Option<i32>,
+}
+
+impl Store {
+    pub async fn control(&self) -> Result<Control, StoreError> {
+        self.call("reading the control row", async {
+            sqlx::query_as("SELECT paused, batch_size_override FROM tally_control WHERE id")
+                .fetch_one(self.pool())
+                .await
+        })
+        .await
+    }
+
+    /// The emergency brake: while paused, no worker claims anything.
+    pub async fn set_paused(&self, paused: bool, actor: &str) -> Result<(), StoreError> {
+        self.call("setting the global pause", async {
+            sqlx::query(
+                "UPDATE tally_control SET paused = $1, updated_at = now(), updated_by = $2 WHERE id",
+            )
+            .bind(paused)
+            .bind(actor)
+            .execute(self.pool())
+            .await
+            .map(|_| ())
+        })
+        .await?;
+        if !paused {
+            self.notify_tasks().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn set_batch_size_override(
+        &self,
+        size: Option<i32>,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        self.call("setting the batch-size override", async {
+            sqlx::query(
+                "UPDATE tally_control SET batch_size_override = $1, updated_at = now(), updated_by = $2 WHERE id",
+            )
+            .bind(size)
+            .bind(actor)
+            .execute(self.pool())
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Wakes every listening worker.
+    pub async fn notify_tasks(&self) -> Result<(), StoreError> {
+        self.call("notifying workers", async {
+            sqlx::query("SELECT pg_notify('tally_tasks', '')")
+                .execute(self.pool())
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+}

@@ -1,0 +1,254 @@
+//! `orders` and `idempotency_ledger`: intake, generation (fan-out), reads.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// A validated order to accept. Validation (and the chunk plan) happens before this.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub kind: String,
+    pub target: String,
+    pub quantity: i64,
+    pub chunk_size: i32,
+    /// `ceil(quantity / chunk_size)`, from the chunk planner; the schema re-checks it.
+    pub task_count: i32,
+    pub priority: i16,
+    pub max_attempts: i32,
+    /// The client's idempotency key, if it sent one.
+    pub client_key: Option<String>,
+    /// Canonical form of the request, hashed to tell a replay from a conflicting reuse.
+    pub canonical_request: String,
+    pub trace_context: Option<String>,
+}
+
+/// What intake did with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntakeOutcome {
+    Created(Uuid),
+    /// Same key, same request: the order accepted the first time.
+    Replayed(Uuid),
+    /// Same key, different request: nothing was created.
+    Conflict(Uuid),
+}
+
+/// An order as operators read it.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct OrderRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub target: String,
+    pub quantity: i64,
+    pub chunk_size: i32,
+    pub task_count: i32,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub status: String,
+    pub delivered: i64,
+    pub failed_permanent_units: i64,
+    pub cancelled_units: i64,
+    pub needs_attention: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub generated_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The explicit column list of [`OrderRow`] (never `*`: cached plans survive migrations).
+macro_rules! order_columns {
+    () => {
+        "id, kind, target, quantity, chunk_size, task_count, priority, max_attempts, status, \
+         delivered, failed_permanent_units, cancelled_units, needs_attention, created_at, \
+         updated_at, generated_at, finished_at"
+    };
+}
+
+/// Records the key first; the order is inserted only by the request that inserted the key,
+/// in the same statement, so a concurrent duplicate waits on the key and then finds the
+/// order instead of creating a second one.
+const INTAKE_WITH_KEY: &str = r#"
+WITH led AS (
+    INSERT INTO idempotency_ledger (operation_key, order_id, state, request_hash, attempt_count)
+    VALUES ($10, $1, 'ACCEPTED', encode(sha256(convert_to($11, 'UTF8')), 'hex'), 1)
+    ON CONFLICT (operation_key) DO UPDATE
+        SET attempt_count = idempotency_ledger.attempt_count + 1, last_seen_at = now()
+    RETURNING order_id, request_hash, (xmax = 0) AS inserted
+),
+ins AS (
+    INSERT INTO orders (id, kind, target, quantity, chunk_size, task_count, priority,
+                        max_attempts, client_key, trace_context)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10, $9 FROM led WHERE led.inserted
+    RETURNING id
+),
+wake AS (SELECT pg_notify('tally_orders', '') FROM ins)
+SELECT led.order_id, led.inserted,
+       led.request_hash = encode(sha256(convert_to($11, 'UTF8')), 'hex') AS same_request,
+       (SELECT count(*) FROM wake) AS woke
+FROM led
+"#;
+
+const INTAKE: &str = r#"
+WITH ins AS (
+    INSERT INTO orders (id, kind, target, quantity, chunk_size, task_count, priority,
+                        max_attempts, trace_context)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    RETURNING id
+),
+wake AS (SELECT pg_notify('tally_orders', '') FROM ins)
+SELECT ins.id, (SELECT count(*) FROM wake) FROM ins
+"#;
+
+/// Fans PENDING orders out into tasks and moves them to PROCESSING in one statement.
+///
+/// Orders are locked with SKIP LOCKED, so two generators never pick the same order; the
+/// `(order_id, seq)` unique key and the `status = 'PENDING'` re-check make a repeat harmless
+/// even if they did. Task sizes follow the chunk plan: `quantity / task_count`, plus one for
+/// the first `quantity % task_count` tasks (see `domain::chunk`).
+const GENERATE: &str = r#"
+WITH picked AS (
+    SELECT id, quantity, task_count, kind, priority, max_attempts
+    FROM orders
+    WHERE status = 'PENDING'
+    ORDER BY created_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+),
+ins AS (
+    INSERT INTO order_tasks (order_id, seq, kind, quantity, priority, max_attempts)
+    SELECT p.id, g.seq, p.kind,
+           (p.quantity / p.task_count
+            + CASE WHEN g.seq < p.quantity % p.task_count THEN 1 ELSE 0 END)::int,
+           p.priority, p.max_attempts
+    FROM picked p
+    CROSS JOIN LATERAL generate_series(0, p.task_count - 1) AS g(seq)
+    ON CONFLICT (order_id, seq) DO NOTHING
+    RETURNING 1
+),
+upd AS (
+    UPDATE orders o
+    SET status = 'PROCESSING', generated_at = now(), updated_at = now(), version = o.version + 1
+    FROM picked p
+    WHERE o.id = p.id AND o.status = 'PENDING'
+    RETURNING o.id
+),
+audit AS (
+    INSERT INTO order_task_transitions (order_id, from_state, to_state, transition_reason, actor_id)
+    SELECT id, 'PENDING', 'PROCESSING', 'tasks_generated', $2 FROM upd
+),
+wake AS (SELECT pg_notify('tally_tasks', '') WHERE EXISTS (SELECT 1 FROM ins))
+SELECT (SELECT count(*) FROM upd) AS orders, (SELECT count(*) FROM ins) AS tasks,
+       (SELECT count(*) FROM wake) AS woke
+"#;
+
+impl Store {
+    /// Accepts an order (idempotently when it carries a client key).
+    pub async fn create_order(&self, order: &NewOrder) -> Result<IntakeOutcome, StoreError> {
+        let id = Uuid::now_v7();
+        match &order.client_key {
+            None => {
+                let (id, _): (Uuid, i64) = self
+                    .call("creating an order", async {
+                        sqlx::query_as(INTAKE)
+                            .bind(id)
+                            .bind(&order.kind)
+                            .bind(&order.target)
+                            .bind(order.quantity)
+                            .bind(order.chunk_size)
+                            .bind(order.task_count)
+                            .bind(order.priority)
+                            .bind(order.max_attempts)
+                            .bind(&order.trace_context)
+                            .fetch_one(self.pool())
+                            .await
+                    })
+                    .await?;
+                Ok(IntakeOutcome::Created(id))
+            }
+            Some(key) => {
+                let (order_id, inserted, same, _): (Uuid, bool, bool, i64) = self
+                    .call("creating an order with an idempotency key", async {
+                        sqlx::query_as(INTAKE_WITH_KEY)
+                            .bind(id)
+                            .bind(&order.kind)
+                            .bind(&order.target)
+                            .bind(order.quantity)
+                            .bind(order.chunk_size)
+                            .bind(order.task_count)
+                            .bind(order.priority)
+                            .bind(order.max_attempts)
+                            .bind(&order.trace_context)
+                            .bind(key)
+                            .bind(&order.canonical_request)
+                            .fetch_one(self.pool())
+                            .await
+                    })
+                    .await?;
+                Ok(match (inserted, same) {
+                    (true, _) => IntakeOutcome::Created(order_id),
+                    (false, true) => IntakeOutcome::Replayed(order_id),
+                    (false, false) => IntakeOutcome::Conflict(order_id),
+                })
+            }
+        }
+    }
+
+    /// Generates tasks for up to `orders_max` PENDING orders. Returns (orders, tasks) made.
+    pub async fn generate_tasks(
+        &self,
+        orders_max: u32,
+        actor: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        let (orders, tasks, _): (i64, i64, i64) = self
+            .call("generating tasks", async {
+                sqlx::query_as(GENERATE)
+                    .bind(i64::from(orders_max))
+                    .bind(actor)
+                    .fetch_one(self.pool())
+                    .await
+            })
+            .await?;
+        Ok((orders as u64, tasks as u64))
+    }
+
+    pub async fn get_order(&self, id: Uuid) -> Result<Option<OrderRow>, StoreError> {
+        const SQL: &str = concat!("SELECT ", order_columns!(), " FROM orders WHERE id = $1");
+        self.call("reading an order", async {
+            sqlx::query_as::<_, OrderRow>(SQL)
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await
+        })
+        .await
+    }
+
+    /// Task counts of one order by status.
+    pub async fn order_task_counts(&self, id: Uuid) -> Result<Vec<(String, i64)>, StoreError> {
+        self.call("counting an order's tasks", async {
+            sqlx::query_as(
+                "SELECT status, count(*) FROM order_tasks WHERE order_id = $1 GROUP BY status ORDER BY status",
+            )
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+        })
+        .await
+    }
+
+    /// How many times each transition reason was recorded for one order.
+    pub async fn order_transition_counts(
+        &self,
+        id: Uuid,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        self.call("counting an order's transitions", async {
+            sqlx::query_as(
+                "SELECT transition_reason, count(*) FROM order_task_transitions \
+                 WHERE order_id = $1 GROUP BY transition_reason ORDER BY transition_reason",
+            )
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+        })
+        .await
+    }
+}

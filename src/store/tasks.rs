@@ -1,0 +1,328 @@
+//! `order_tasks`: the claim and the fenced, batched finishing write.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::domain::state::{RetryAt, Transition};
+use crate::domain::{TaskSnapshot, TaskStatus};
+
+/// A task this worker now holds. `claim_token` fences every write about it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedTask {
+    pub id: i64,
+    pub order_id: Uuid,
+    pub seq: i32,
+    pub kind: String,
+    pub quantity: i32,
+    pub delivered: i32,
+    /// Attempt number of this claim (1-based).
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub claim_token: Uuid,
+    pub target: String,
+    pub trace_context: Option<String>,
+}
+
+impl ClaimedTask {
+    pub fn snapshot(&self) -> TaskSnapshot {
+        TaskSnapshot {
+            status: TaskStatus::Executing,
+            attempts: self.attempts.max(0) as u32,
+            max_attempts: self.max_attempts.max(0) as u32,
+            quantity: self.quantity.max(0) as u32,
+            delivered: self.delivered.max(0) as u32,
+        }
+    }
+
+    /// Stable across attempts: the receiver deduplicates on it.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.order_id, self.seq)
+    }
+}
+
+/// One decided transition of a claimed task, ready to be written.
+#[derive(Debug, Clone)]
+pub struct TaskUpdate {
+    pub task_id: i64,
+    pub claim_token: Uuid,
+    pub transition: Transition,
+    pub error: Option<String>,
+}
+
+/// What must still hold for a finishing write to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateFence {
+    /// The writer still holds the claim (token matches, task still EXECUTING).
+    Claim,
+    /// The sweeper's rescue: the claim is unchanged AND its lease has expired, re-checked in
+    /// the write itself (a task that completed since it was read is left alone).
+    ExpiredLease,
+}
+
+/// Claims up to `limit` tasks of the given kinds in one statement.
+///
+/// The CTE picks rows with `FOR UPDATE SKIP LOCKED` in the order of
+/// `order_tasks_claim_idx` (priority, then `seq`, so tasks of different orders
+/// interleave: a small order's first task competes with a giant order's next one, not its
+/// last). Picking in a CTE means Postgres cannot update more rows than the `LIMIT`.
+/// The global pause and batch-size override from `tally_control` apply in the same statement.
+const CLAIM: &str = r#"
+WITH ctl AS (
+    SELECT paused, batch_size_override FROM tally_control WHERE id
+),
+picked AS (
+    SELECT t.id, t.status
+    FROM order_tasks t
+    WHERE t.status IN ('PENDING', 'FAILED_RETRYING')
+      AND t.retry_after <= now()
+      AND t.kind = ANY($3)
+      AND NOT coalesce((SELECT paused FROM ctl), false)
+    ORDER BY t.priority DESC, t.seq, t.id
+    LIMIT least($2, coalesce((SELECT batch_size_override FROM ctl), $2))
+    FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE order_tasks t
+    SET status = 'EXECUTING',
+        attempts = t.attempts + 1,
+        claimed_by = $1,
+        claimed_at = now(),
+        claim_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => $4),
+        updated_at = now()
+    FROM picked p
+    WHERE t.id = p.id AND t.attempts < t.max_attempts
+    RETURNING t.id, t.order_id, t.seq, t.kind, t.quantity, t.delivered, t.attempts,
+              t.max_attempts, t.claim_token, p.status AS from_state
+),
+audit AS (
+    INSERT INTO order_task_transitions
+        (task_id, order_id, from_state, to_state, transition_reason, actor_id, attempt)
+    SELECT c.id, c.order_id, c.from_state, 'EXECUTING', 'claimed', $5, c.attempts
+    FROM claimed c
+)
+SELECT c.id, c.order_id, c.seq, c.kind, c.quantity, c.delivered, c.attempts, c.max_attempts,
+       c.claim_token, o.target, o.trace_context
+FROM claimed c
+JOIN orders o ON o.id = c.order_id
+"#;
+
+/// Applies decided transitions of claimed tasks and rolls their unit deltas into the
+/// orders' counters, all in one statement (one round trip, one commit).
+///
+/// - Fence: each task row changes only if it is still EXECUTING under the same claim token
+///   (and, for rescues, its lease has expired *now*). A stale writer changes nothing.
+/// - Hot rows: the order counters are updated once per order per batch, not per task, and
+///   the orders are locked in id order so concurrent batches cannot deadlock on them.
+/// - Completion: the order becomes COMPLETED in the same statement that delivers its last
+///   unit; `needs_attention` is set when every remaining unit is dead-lettered.
+const APPLY: &str = r#"
+WITH input AS (
+    SELECT *
+    FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::int[], $6::bigint[],
+                $7::bigint[], $8::float8[], $9::text[], $10::text[], $11::text[])
+         AS i(id, token, to_state, attempts, delivered_delta, failed_delta, cancelled_delta,
+              retry_in_secs, reason, error_class, error)
+),
+upd AS (
+    UPDATE order_tasks t
+    SET status = i.to_state,
+        attempts = i.attempts,
+        delivered = t.delivered + i.delivered_delta,
+        retry_after = CASE WHEN i.retry_in_secs IS NULL THEN t.retry_after
+                           ELSE now() + make_interval(secs => i.retry_in_secs) END,
+        claim_token = NULL,
+        lease_expires_at = NULL,
+        executed_at = CASE WHEN i.reason = 'handed_back' THEN t.executed_at ELSE now() END,
+        last_error = CASE WHEN i.error IS NULL THEN t.last_error ELSE i.error END,
+        last_error_class = CASE WHEN i.error_class IS NULL THEN t.last_error_class
+                                ELSE i.error_class END,
+        updated_at = now()
+    FROM input i
+    WHERE t.id = i.id
+      AND t.claim_token = i.token
+      AND t.status = 'EXECUTING'
+      AND (NOT $12 OR t.lease_expires_at < now())
+    RETURNING t.id, t.order_id, t.status, t.attempts, i.delivered_delta, i.failed_delta,
+              i.cancelled_delta, i.reason, i.error_class
+),
+agg AS (
+    SELECT order_id, sum(delivered_delta)::bigint AS d, sum(failed_delta)::bigint AS f,
+           sum(cancelled_delta)::bigint AS c
+    FROM upd
+    GROUP BY order_id
+    HAVING sum(delivered_delta) <> 0 OR sum(failed_delta) <> 0 OR sum(cancelled_delta) <> 0
+),
+locked AS (
+    SELECT o.id, o.status AS old_status
+    FROM orders o
+    WHERE o.id IN (SELECT order_id FROM agg)
+    ORDER BY o.id
+    FOR NO KEY UPDATE
+),
+ord AS (
+    UPDATE orders o
+    SET delivered = o.delivered + a.d,
+        failed_permanent_units = o.failed_permanent_units + a.f,
+        cancelled_units = o.cancelled_units + a.c,
+        status = CASE WHEN o.status = 'PROCESSING' AND o.delivered + a.d = o.quantity
+                      THEN 'COMPLETED' ELSE o.status END,
+        finished_at = CASE WHEN o.status = 'PROCESSING' AND o.delivered + a.d = o.quantity
+                           THEN now() ELSE o.finished_at END,
+        needs_attention = o.status = 'PROCESSING'
+                          AND o.failed_permanent_units + a.f > 0
+                          AND o.delivered + a.d + o.failed_permanent_units + a.f
+                              + o.cancelled_units + a.c = o.quantity,
+        version = o.version + 1,
+        updated_at = now()
+    FROM agg a
+    JOIN locked l ON l.id = a.order_id
+    WHERE o.id = a.order_id
+    RETURNING o.id, l.old_status, o.status
+),
+audit_tasks AS (
+    INSERT INTO order_task_transitions
+        (task_id, order_id, from_state, to_state, transition_reason, error_class, actor_id, attempt)
+    SELECT u.id, u.order_id, 'EXECUTING', u.status, u.reason, u.error_class, $13, u.attempts
+    FROM upd u
+),
+audit_orders AS (
+    INSERT INTO order_task_transitions (order_id, from_state, to_state, transition_reason, actor_id)
+    SELECT o.id, o.old_status, o.status, 'all_units_delivered', $13
+    FROM ord o
+    WHERE o.old_status <> o.status
+),
+wake AS (
+    -- Re-queued for immediate claim (hand-back, rescue): one NOTIFY per statement.
+    SELECT pg_notify('tally_tasks', '')
+    WHERE EXISTS (SELECT 1 FROM upd u JOIN input i ON i.id = u.id WHERE i.retry_in_secs = 0)
+)
+SELECT coalesce((SELECT array_agg(id) FROM upd), '{}') AS applied,
+       coalesce((SELECT array_agg(id) FROM ord WHERE status = 'COMPLETED' AND old_status <> status),
+                '{}') AS completed_orders,
+       (SELECT count(*) FROM wake) AS woke
+"#;
+
+/// Result of [`Store::apply_task_updates`].
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Tasks whose update was written; the others were fenced off (stale claim).
+    pub task_ids: Vec<i64>,
+    /// Orders that became COMPLETED in this write.
+    pub completed_orders: Vec<Uuid>,
+}
+
+impl Store {
+    /// Claims up to `limit` claimable tasks of `kinds` for `worker_id`, with a lease of `lease`.
+    pub async fn claim_tasks(
+        &self,
+        worker_id: Uuid,
+        limit: u32,
+        kinds: &[String],
+        lease: Duration,
+    ) -> Result<Vec<ClaimedTask>, StoreError> {
+        self.call("claiming a task batch", async {
+            sqlx::query_as::<_, ClaimedTask>(CLAIM)
+                .bind(worker_id)
+                .bind(i64::from(limit))
+                .bind(kinds)
+                .bind(lease.as_secs_f64())
+                .bind(worker_id.to_string())
+                .fetch_all(self.pool())
+                .await
+        })
+        .await
+    }
+
+    /// Writes a batch of decided transitions, fenced as `fence` says. Deadlocks with a
+    /// concurrent batch are retried here: the write is idempotent under its fence.
+    pub async fn apply_task_updates(
+        &self,
+        updates: &[TaskUpdate],
+        fence: UpdateFence,
+        actor: &str,
+    ) -> Result<Applied, StoreError> {
+        if updates.is_empty() {
+            return Ok(Applied::default());
+        }
+        let n = updates.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut tokens = Vec::with_capacity(n);
+        let mut to_states = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut delivered = Vec::with_capacity(n);
+        let mut failed = Vec::with_capacity(n);
+        let mut cancelled = Vec::with_capacity(n);
+        let mut retry_in = Vec::with_capacity(n);
+        let mut reasons = Vec::with_capacity(n);
+        let mut classes = Vec::with_capacity(n);
+        let mut errors = Vec::with_capacity(n);
+        for u in updates {
+            let t = &u.transition;
+            ids.push(u.task_id);
+            tokens.push(u.claim_token);
+            to_states.push(t.to.as_str());
+            attempts.push(t.attempts as i32);
+            delivered.push(t.delivered_delta as i32);
+            failed.push(t.failed_units_delta);
+            cancelled.push(t.cancelled_units_delta);
+            retry_in.push(match t.retry_at {
+                RetryAt::Unchanged => None,
+                RetryAt::Now => Some(0.0),
+                RetryAt::After(d) => Some(d.as_secs_f64()),
+            });
+            reasons.push(t.reason);
+            classes.push(t.error_class.map(|c| c.as_str()));
+            errors.push(u.error.as_deref().map(|e| truncate(e, 2000)));
+        }
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let res = self
+                .call("writing task outcomes", async {
+                    sqlx::query_as::<_, (Vec<i64>, Vec<Uuid>, i64)>(APPLY)
+                        .bind(&ids)
+                        .bind(&tokens)
+                        .bind(&to_states)
+                        .bind(&attempts)
+                        .bind(&delivered)
+                        .bind(&failed)
+                        .bind(&cancelled)
+                        .bind(&retry_in)
+                        .bind(&reasons)
+                        .bind(&classes)
+                        .bind(&errors)
+                        .bind(fence == UpdateFence::ExpiredLease)
+                        .bind(actor)
+                        .fetch_one(self.pool())
+                        .await
+                })
+                .await;
+            match res {
+                Ok((task_ids, completed_orders, _)) => {
+                    return Ok(Applied {
+                        task_ids,
+                        completed_orders,
+                    });
+                }
+                Err(e) if e.is_transient_conflict() && tries < 5 => {
+                    tracing::debug!(error = %e, tries, "retrying task outcome write after a conflict");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

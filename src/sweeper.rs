@@ -1,0 +1,233 @@
+//! The sweeper role: leader-only maintenance services, each a bounded `*_once` that returns
+//! counts (tests call them directly) and runs on its own interval while this process leads.
+//!
+//! - rescue: EXECUTING tasks whose lease expired go back to the queue (`orphan_recovered`);
+//!   the write re-checks the expiry itself, so a task that completed after it was read is
+//!   left alone (the stale-rescue trap).
+//! - audit: conservation, accounting and completion invariants per order, from one snapshot,
+//!   recorded in `invariant_check_log`; violations are logged at error level.
+//! - finalise: the safety net for orders whose every unit is delivered, or that need
+//!   attention, in case a completion write ever missed them.
+//! - stuck orders: PROCESSING longer than `stuck_after` is logged.
+//! - retention: finished orders' tasks and audit rows move to the archive tables.
+//!
+//! Every write is conditional, so two sweepers at once are harmless.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::domain::state::decide;
+use crate::domain::{Backoff, TaskEvent};
+use crate::leader::Leadership;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+use crate::store::{RetentionReport, Store, StoreError, TaskUpdate, UpdateFence};
+
+#[derive(Debug, Clone)]
+pub struct SweeperConfig {
+    /// How often the leader loop ticks (lease renewal and rescue).
+    pub tick_interval: Duration,
+    /// Most orphans rescued per pass.
+    pub rescue_batch_max: u32,
+    /// How often running orders are re-audited.
+    pub audit_interval: Duration,
+    /// Most orders audited per pass.
+    pub audit_batch_max: u32,
+    /// An order PROCESSING longer than this is reported as stuck.
+    pub stuck_after: Duration,
+    /// Finished orders older than this many days are archived.
+    pub retention_days: u32,
+    /// Most rows moved per table per retention pass.
+    pub retention_batch_max: u32,
+    /// How often retention runs.
+    pub retention_interval: Duration,
+    pub backoff: Backoff,
+}
+
+impl Default for SweeperConfig {
+    fn default() -> Self {
+        Self {
+            tick_interval: Duration::from_secs(1),
+            rescue_batch_max: 500,
+            audit_interval: Duration::from_secs(10),
+            audit_batch_max: 200,
+            stuck_after: Duration::from_secs(2 * 3600),
+            retention_days: 30,
+            retention_batch_max: 5000,
+            retention_interval: Duration::from_secs(60),
+            backoff: Backoff::DEFAULT,
+        }
+    }
+}
+
+/// What one audit pass found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditReport {
+    pub orders_checked: u64,
+    pub violations: Vec<(uuid::Uuid, serde_json::Value)>,
+}
+
+pub struct Sweeper {
+    store: Store,
+    config: SweeperConfig,
+    actor: String,
+    stats: Arc<Stats>,
+}
+
+impl Sweeper {
+    pub fn new(store: Store, config: SweeperConfig, actor: String, stats: Arc<Stats>) -> Self {
+        Self {
+            store,
+            config,
+            actor,
+            stats,
+        }
+    }
+
+    /// Rescues orphaned tasks. Returns how many this sweeper recovered.
+    pub async fn rescue_once(&self) -> Result<u64, StoreError> {
+        let expired = self.store.expired_tasks(self.config.rescue_batch_max).await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let updates: Vec<TaskUpdate> = expired
+            .iter()
+            .filter_map(|t| {
+                decide(&t.snapshot(), &TaskEvent::LeaseExpired, &self.config.backoff, 0.0)
+                    .map_err(|e| tracing::error!(task.id = t.id, error = %e, "cannot rescue"))
+                    .ok()
+                    .map(|transition| TaskUpdate {
+                        task_id: t.id,
+                        claim_token: t.claim_token,
+                        transition,
+                        error: Some(format!(
+                            "lease expired while claimed by worker {}",
+                            t.claimed_by.map(|w| w.to_string()).unwrap_or_default()
+                        )),
+                    })
+            })
+            .collect();
+        let applied = self
+            .store
+            .apply_task_updates(&updates, UpdateFence::ExpiredLease, &self.actor)
+            .await?;
+        let n = applied.task_ids.len() as u64;
+        if n > 0 {
+            Stats::add(&self.stats.recovered_orphans, n as i64);
+            tracing::warn!(recovered = n, "recovered orphaned tasks");
+        }
+        Ok(n)
+    }
+
+    /// Audits the orders that are due. Violations are logged at error level.
+    pub async fn audit_once(&self) -> Result<AuditReport, StoreError> {
+        let ids = self
+            .store
+            .orders_due_for_audit(
+                self.config.audit_batch_max,
+                self.config.audit_interval.as_secs_f64(),
+            )
+            .await?;
+        self.audit_orders(&ids).await
+    }
+
+    /// Audits the given orders now.
+    pub async fn audit_orders(&self, ids: &[uuid::Uuid]) -> Result<AuditReport, StoreError> {
+        if ids.is_empty() {
+            return Ok(AuditReport::default());
+        }
+        let ledgers = self.store.order_ledgers(ids).await?;
+        let mut report = AuditReport {
+            orders_checked: ledgers.len() as u64,
+            ..Default::default()
+        };
+        let mut checks = Vec::with_capacity(ledgers.len());
+        for (id, ledger) in ledgers {
+            let violations = ledger.check();
+            let json = serde_json::to_value(&violations).unwrap_or_default();
+            if !violations.is_empty() {
+                tracing::error!(order.id = %id, violations = %json, "invariant violation");
+                report.violations.push((id, json.clone()));
+            }
+            checks.push((id, ledger, json));
+        }
+        self.store.record_checks(&checks, &self.actor).await?;
+        Ok(report)
+    }
+
+    /// Safety-net finaliser. Returns (completed, flagged for attention).
+    pub async fn finalise_once(&self) -> Result<(u64, u64), StoreError> {
+        let (completed, flagged) = self.store.finalise_orders(&self.actor).await?;
+        if completed > 0 {
+            tracing::warn!(completed, "safety net completed orders a completion write missed");
+        }
+        if flagged > 0 {
+            tracing::warn!(flagged, "orders need attention: every remaining task is dead-lettered");
+        }
+        Ok((completed, flagged))
+    }
+
+    /// Logs orders PROCESSING longer than `stuck_after`. Returns how many.
+    pub async fn stuck_once(&self) -> Result<u64, StoreError> {
+        let stuck = self
+            .store
+            .stuck_orders(self.config.stuck_after.as_secs_f64(), 20)
+            .await?;
+        for (id, age) in &stuck {
+            tracing::warn!(order.id = %id, age_secs = *age as u64, "order stuck in PROCESSING");
+        }
+        Ok(stuck.len() as u64)
+    }
+
+    pub async fn retention_once(&self) -> Result<RetentionReport, StoreError> {
+        let r = self
+            .store
+            .archive_finished(
+                self.config.retention_days as i32,
+                self.config.retention_batch_max,
+            )
+            .await?;
+        if r != RetentionReport::default() {
+            tracing::info!(?r, "retention moved finished work to the archive");
+        }
+        Ok(r)
+    }
+
+    /// The leader loop: renew the lease every tick; while leading, run each service on its
+    /// interval. Releases the lease on shutdown so a standby takes over at once.
+    pub async fn run(self, mut leadership: Leadership, shutdown: Shutdown) {
+        let long_ago = Instant::now() - Duration::from_secs(24 * 3600);
+        let (mut last_audit, mut last_retention, mut last_stuck) = (long_ago, long_ago, long_ago);
+        while !shutdown.is_triggered() {
+            if leadership.tick().await.is_some() {
+                let now = Instant::now();
+                log_err("rescue", self.rescue_once().await);
+                log_err("finalise", self.finalise_once().await);
+                if now.duration_since(last_audit) >= self.config.audit_interval {
+                    last_audit = now;
+                    log_err("audit", self.audit_once().await);
+                }
+                if now.duration_since(last_stuck) >= Duration::from_secs(60) {
+                    last_stuck = now;
+                    log_err("stuck-order scan", self.stuck_once().await);
+                    log_err("worker reaping", self.store.reap_workers().await);
+                }
+                if now.duration_since(last_retention) >= self.config.retention_interval {
+                    last_retention = now;
+                    log_err("retention", self.retention_once().await);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.tick_interval) => {}
+                _ = shutdown.wait() => break,
+            }
+        }
+        leadership.release().await;
+    }
+}
+
+fn log_err<T>(what: &str, r: Result<T, StoreError>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "sweeper {what} pass failed");
+    }
+}

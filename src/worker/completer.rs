@@ -1,0 +1,129 @@
+//! Writes finished attempts in batches: whatever arrived while the previous write was in
+//! flight goes into the next one, so batches grow with load and add no latency when idle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::Finished;
+use crate::domain::state::{Transition, decide};
+use crate::domain::{Backoff, TaskStatus};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+use crate::store::{Store, TaskUpdate, UpdateFence};
+
+/// Most outcomes in one write.
+const BATCH_MAX: usize = 500;
+
+/// Runs until every sender is gone. Returns how many tasks it handed back.
+pub(super) async fn run(
+    store: Store,
+    mut rx: mpsc::Receiver<Finished>,
+    backoff: Backoff,
+    actor: String,
+    stats: Arc<Stats>,
+    hard_stop: Shutdown,
+) -> u64 {
+    let mut handed_back = 0u64;
+    let mut batch: Vec<Finished> = Vec::with_capacity(BATCH_MAX);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let updates: Vec<TaskUpdate> = batch
+            .iter()
+            .filter_map(|f| {
+                let draw = fastrand::f64();
+                match decide(&f.task.snapshot(), &f.event, &backoff, draw) {
+                    Ok(transition) => Some(TaskUpdate {
+                        task_id: f.task.id,
+                        claim_token: f.task.claim_token,
+                        transition,
+                        error: f.error.clone(),
+                    }),
+                    Err(e) => {
+                        tracing::error!(task.id = f.task.id, error = %e, "undecidable outcome; leaving the task to the sweeper");
+                        None
+                    }
+                }
+            })
+            .collect();
+        write(&store, &updates, &actor, &stats, &hard_stop).await;
+        handed_back += updates
+            .iter()
+            .filter(|u| u.transition.reason == "handed_back")
+            .count() as u64;
+        // Dropping the batch releases its slots.
+        batch.clear();
+    }
+    handed_back
+}
+
+/// Writes until it succeeds. If the database stays away past the hard stop, the outcomes
+/// are given up: the tasks stay EXECUTING and the sweeper rescues them once their lease
+/// expires, which is safe because this write would have been fenced by then anyway.
+async fn write(
+    store: &Store,
+    updates: &[TaskUpdate],
+    actor: &str,
+    stats: &Stats,
+    hard_stop: &Shutdown,
+) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match store
+            .apply_task_updates(updates, UpdateFence::Claim, actor)
+            .await
+        {
+            Ok(applied) => {
+                let applied_ids: std::collections::HashSet<i64> =
+                    applied.task_ids.iter().copied().collect();
+                let written: Vec<&Transition> = updates
+                    .iter()
+                    .filter(|u| applied_ids.contains(&u.task_id))
+                    .map(|u| &u.transition)
+                    .collect();
+                count(stats, &written);
+                let fenced = updates.len() - written.len();
+                if fenced > 0 {
+                    Stats::add(&stats.fenced, fenced as i64);
+                    tracing::warn!(fenced, "claims were taken away before the outcome was written; outcomes dropped");
+                }
+                for order in &applied.completed_orders {
+                    tracing::info!(order.id = %order, "order completed");
+                }
+                return;
+            }
+            Err(e) => {
+                if hard_stop.is_triggered() && delay >= Duration::from_secs(1) {
+                    tracing::error!(error = %e, tasks = updates.len(), "giving up on writing outcomes during shutdown; the sweeper will rescue these tasks");
+                    return;
+                }
+                tracing::warn!(error = %e, retry_in = ?delay, "writing outcomes failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn count(stats: &Stats, written: &[&Transition]) {
+    for t in written {
+        if t.reason == "handed_back" {
+            continue;
+        }
+        Stats::add(&stats.processed, 1);
+        match t.to {
+            TaskStatus::Completed => Stats::add(&stats.completed, 1),
+            TaskStatus::FailedPermanent => Stats::add(&stats.failed, 1),
+            TaskStatus::FailedRetrying => Stats::add(&stats.retries, 1),
+            _ => {}
+        }
+    }
+}
+

@@ -1,0 +1,83 @@
+//! Runs one claimed task through its handler. No SQL here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use crate::domain::{ErrorClass, TaskEvent};
+use crate::handler::{Handler, HandlerError, TaskInput};
+use crate::shutdown::Shutdown;
+use crate::store::ClaimedTask;
+
+/// A finished attempt on its way to the completer, holding its slot until written.
+pub struct Finished {
+    pub task: ClaimedTask,
+    pub event: TaskEvent,
+    pub error: Option<String>,
+    pub permit: OwnedSemaphorePermit,
+}
+
+pub(super) async fn execute(
+    task: ClaimedTask,
+    handler: Option<Arc<dyn Handler>>,
+    permit: OwnedSemaphorePermit,
+    claim_timeout: Duration,
+    out: mpsc::Sender<Finished>,
+    hard_stop: Shutdown,
+) {
+    let input = TaskInput {
+        order_id: task.order_id,
+        task_id: task.id,
+        seq: task.seq,
+        kind: task.kind.clone(),
+        target: task.target.clone(),
+        quantity: task.snapshot().remaining(),
+        attempt: task.attempts.max(1) as u32,
+        idempotency_key: task.idempotency_key(),
+        trace_context: task.trace_context.clone(),
+    };
+    let result = match handler {
+        None => Err(HandlerError::new(
+            ErrorClass::ValidationError,
+            format!("no handler for kind {:?} in this worker", task.kind),
+        )),
+        Some(h) => {
+            tokio::select! {
+                biased;
+                _ = hard_stop.wait() => {
+                    let _ = out.send(Finished { task, event: TaskEvent::HandedBack, error: None, permit }).await;
+                    return;
+                }
+                r = tokio::time::timeout(claim_timeout, h.deliver(&input)) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(HandlerError::new(
+                        ErrorClass::TimeoutError,
+                        format!("attempt ran past the claim timeout of {claim_timeout:?}"),
+                    )),
+                },
+            }
+        }
+    };
+    let (event, error) = match result {
+        Ok(units) => (TaskEvent::Delivered { units }, None),
+        Err(e) => (
+            TaskEvent::Failed {
+                class: e.class,
+                retry_in: e.retry_after,
+            },
+            Some(e.message),
+        ),
+    };
+    tracing::debug!(order.id = %task.order_id, task.id = task.id, attempt = task.attempts, ?event, "attempt finished");
+    // The completer outlives every executor; a send error means it gave up, and the task's
+    // lease will expire and the sweeper will rescue it.
+    let _ = out
+        .send(Finished {
+            task,
+            event,
+            error,
+            permit,
+        })
+        .await;
+}
