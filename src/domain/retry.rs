@@ -105,7 +105,7 @@ mod tests {
         assert_eq!(b.raw(3), Duration::from_secs(20));
         assert_eq!(b.raw(40), Duration::from_secs(3600));
         assert_eq!(b.delay(1, 0.0), Duration::from_secs(5));
-        assert_eq!(b.delay(1, 0.5), Duration::from_secs(4));
+        assert_eq!(b.delay(1, 0.5), Duration::from_millis(4500));
     }
 
     #[test]
@@ -150,7 +150,7 @@ mod tests {
 
         #[test]
         fn jittered_delay_never_shrinks_below_the_cap(
-            b in policy(), attempt in 1u32..=200, d1 in 0.0f64..1.0, d2 in 0.0f64..1.0,
+            b in policy(), attempt in 1u32..=8, d1 in 0.0f64..1.0, d2 in 0.0f64..1.0,
         ) {
             prop_assume!(b.raw(attempt + 1) < b.cap());
             // Any draw for the later attempt waits at least as long as any draw for the earlier

@@ -1,0 +1,362 @@
+//! Shared integration-test harness: a real PostgreSQL, a fresh database per test,
+//! factories, in-process roles, real `tally` processes, and a recording handler.
+//!
+//! The cluster: `TALLY_TEST_DATABASE_URL` (a superuser URL; `.ci/run` starts one) or else
+//! a throwaway cluster started once per test process and stopped when it exits.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+use tally::config::{Role, ServeSettings};
+use tally::domain::Backoff;
+use tally::generator::GeneratorConfig;
+use tally::handler::{BoxFuture, Handler, HandlerError, Handlers, SimulateConfig, TaskInput};
+use tally::intake::{IntakeDefaults, OrderRequest};
+use tally::pgtemp::{ClusterOptions, TempCluster};
+use tally::shutdown::{self, ShutdownTrigger};
+use tally::store::{IntakeOutcome, Store, StoreOptions};
+use tally::sweeper::SweeperConfig;
+use tally::worker::WorkerConfig;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+static CLUSTER: Mutex<Option<TempCluster>> = Mutex::new(None);
+static ADMIN_URL: OnceLock<String> = OnceLock::new();
+
+extern "C" fn stop_cluster_at_exit() {
+    if let Ok(mut c) = CLUSTER.lock() {
+        drop(c.take());
+    }
+}
+
+/// A superuser URL (database `postgres`) of the test server.
+pub fn admin_url() -> String {
+    ADMIN_URL
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("TALLY_TEST_DATABASE_URL")
+                && !url.is_empty()
+            {
+                return url;
+            }
+            let cluster = TempCluster::start(ClusterOptions::default())
+                .unwrap_or_else(|e| panic!("starting the test PostgreSQL: {e}"));
+            let url = cluster.url("postgres");
+            *CLUSTER.lock().unwrap() = Some(cluster);
+            // SAFETY: registering a plain extern "C" fn with no captured state.
+            unsafe {
+                libc::atexit(stop_cluster_at_exit);
+            }
+            url
+        })
+        .clone()
+}
+
+/// Replaces the database name in a URL.
+pub fn url_with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let cut = base.rfind('/').expect("URL has a path");
+    format!("{}/{db}{query}", &base[..cut])
+}
+
+/// A fresh, migrated database for one test.
+pub struct TestDb {
+    pub url: String,
+    pub store: Store,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        Self::on_server(&admin_url()).await
+    }
+
+    pub async fn on_server(admin: &str) -> Self {
+        let name = format!("tally_t_{}", Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(admin).await.expect("admin connection");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        let url = url_with_db(admin, &name);
+        let store = Store::connect(&StoreOptions {
+            pool_size_max: 20,
+            ..StoreOptions::new(&url)
+        })
+        .await
+        .expect("connect test database");
+        store.migrate().await.expect("migrate test database");
+        Self { url, store }
+    }
+
+    pub fn pool(&self) -> &sqlx::PgPool {
+        self.store.pool()
+    }
+
+    /// A second store on the same database (a separate pool, like another pod).
+    pub async fn another_store(&self) -> Store {
+        Store::connect(&StoreOptions {
+            pool_size_max: 10,
+            ..StoreOptions::new(&self.url)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// Order factory: defaults for everything, override what the test is about.
+#[derive(Debug, Clone)]
+pub struct OrderSpec {
+    pub kind: &'static str,
+    pub quantity: u64,
+    pub chunk_size: u64,
+    pub priority: i16,
+    pub max_attempts: u32,
+}
+
+impl Default for OrderSpec {
+    fn default() -> Self {
+        Self {
+            kind: "test",
+            quantity: 1000,
+            chunk_size: 100,
+            priority: 0,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl OrderSpec {
+    pub fn units(quantity: u64, chunk_size: u64) -> Self {
+        Self {
+            quantity,
+            chunk_size,
+            ..Self::default()
+        }
+    }
+
+    /// Creates the order (PENDING, no tasks yet).
+    pub async fn create(&self, store: &Store) -> Uuid {
+        let req = OrderRequest {
+            kind: self.kind.into(),
+            target: "acct-42".into(),
+            quantity: self.quantity,
+            chunk_size: Some(self.chunk_size),
+            priority: self.priority,
+            max_attempts: Some(self.max_attempts),
+        };
+        match tally::intake::submit(store, &req, IntakeDefaults::default(), None)
+            .await
+            .unwrap()
+        {
+            IntakeOutcome::Created(id) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Creates the order and fans it out into tasks.
+    pub async fn generated(&self, store: &Store) -> Uuid {
+        let id = self.create(store).await;
+        while store.generate_tasks(100, "test").await.unwrap().0 > 0 {}
+        id
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes (then panics with `what`).
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Scalar helper for assertions.
+pub async fn scalar_i64(store: &Store, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql).fetch_one(store.pool()).await.unwrap()
+}
+
+pub async fn order_status(store: &Store, id: Uuid) -> String {
+    store.get_order(id).await.unwrap().unwrap().status
+}
+
+/// Settings for in-process roles, tuned for tests: short lease, fast backoff and ticks.
+pub fn settings(url: &str, roles: &[Role]) -> ServeSettings {
+    let backoff = Backoff::new(
+        Duration::from_millis(50),
+        2.0,
+        Duration::from_millis(400),
+        0.2,
+    )
+    .unwrap();
+    ServeSettings {
+        roles: roles.to_vec(),
+        store: StoreOptions {
+            pool_size_max: 8,
+            ..StoreOptions::new(url)
+        },
+        worker: WorkerConfig {
+            batch_size_max: 16,
+            concurrency_max: 16,
+            lease_ttl: Duration::from_secs(2),
+            claim_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            shutdown_grace: Duration::from_secs(5),
+            backoff,
+        },
+        generator: GeneratorConfig {
+            orders_per_pass_max: 50,
+            poll_interval: Duration::from_millis(100),
+        },
+        sweeper: SweeperConfig {
+            tick_interval: Duration::from_millis(100),
+            audit_interval: Duration::from_millis(200),
+            backoff,
+            ..SweeperConfig::default()
+        },
+        leader_ttl: Duration::from_secs(2),
+        simulate: SimulateConfig::default(),
+    }
+}
+
+/// Roles running in this test process (a "pod"), stopped by [`Pod::stop`].
+pub struct Pod {
+    pub id: Uuid,
+    trigger: ShutdownTrigger,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Pod {
+    pub async fn start(url: &str, settings: ServeSettings, handlers: Handlers) -> Pod {
+        let store = Store::connect(&settings.store).await.unwrap();
+        let (trigger, shutdown) = shutdown::channel();
+        let id = Uuid::new_v4();
+        let handle = tokio::spawn(tally::app::run_roles(store, settings, handlers, id, shutdown));
+        let _ = url;
+        Pod { id, trigger, handle }
+    }
+
+    /// Graceful stop: fires shutdown and waits for the roles to drain.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+/// Records every handler call; detects a task running twice at once.
+#[derive(Default)]
+pub struct Recorder {
+    pub calls: Mutex<HashMap<i64, u32>>,
+    pub keys: Mutex<HashMap<i64, String>>,
+    in_flight: Mutex<HashMap<i64, u32>>,
+    pub overlaps: Mutex<u32>,
+    pub delay: Mutex<Duration>,
+    /// Fail each task's first `fail_first` attempts with this class.
+    pub fail_first: Mutex<Option<(u32, tally::domain::ErrorClass)>>,
+}
+
+impl Recorder {
+    pub fn new(delay: Duration) -> Arc<Self> {
+        let r = Self::default();
+        *r.delay.lock().unwrap() = delay;
+        Arc::new(r)
+    }
+
+    pub fn total_calls(&self) -> u32 {
+        self.calls.lock().unwrap().values().sum()
+    }
+}
+
+impl Handler for Recorder {
+    fn deliver<'a>(&'a self, task: &'a TaskInput) -> BoxFuture<'a, Result<u32, HandlerError>> {
+        Box::pin(async move {
+            {
+                let mut f = self.in_flight.lock().unwrap();
+                let n = f.entry(task.task_id).or_default();
+                *n += 1;
+                if *n > 1 {
+                    *self.overlaps.lock().unwrap() += 1;
+                }
+                *self.calls.lock().unwrap().entry(task.task_id).or_default() += 1;
+                let mut keys = self.keys.lock().unwrap();
+                let key = keys.entry(task.task_id).or_insert_with(|| task.idempotency_key.clone());
+                assert_eq!(*key, task.idempotency_key, "idempotency key changed between attempts");
+            }
+            struct Leave<'r>(&'r Recorder, i64);
+            impl Drop for Leave<'_> {
+                fn drop(&mut self) {
+                    *self.0.in_flight.lock().unwrap().get_mut(&self.1).unwrap() -= 1;
+                }
+            }
+            let _leave = Leave(self, task.task_id);
+            let delay = *self.delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((n, class)) = *self.fail_first.lock().unwrap()
+                && task.attempt <= n
+            {
+                return Err(HandlerError::new(class, "injected failure"));
+            }
+            Ok(task.quantity)
+        })
+    }
+}
+
+pub fn handlers_for(kind: &str, h: Arc<dyn Handler>) -> Handlers {
+    Handlers::new().with(kind, h)
+}
+
+/// Runs the auditor over every order and returns the violations found.
+pub async fn audit_all(store: &Store) -> Vec<(Uuid, serde_json::Value)> {
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM orders")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    let s = tally::sweeper::Sweeper::new(
+        store.clone(),
+        SweeperConfig::default(),
+        "test-audit".into(),
+        Default::default(),
+    );
+    let r = s.audit_orders(&ids).await.unwrap();
+    assert_eq!(r.orders_checked as usize, ids.len());
+    r.violations
+}
+
+/// A real `tally` process.
+pub fn spawn_tally(url: &str, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    cmd.args(args)
+        .env("TALLY_DATABASE_URL", url)
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn tally")
+}
+
+pub fn signal(child: &tokio::process::Child, sig: i32) {
+    let pid = child.id().expect("child running") as i32;
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
