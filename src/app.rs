@@ -162,7 +162,7 @@ async fn heartbeat(
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait() => return,
         }
-        match store.heartbeat(reg.id, lease, stats.counters()).await {
+        match store.heartbeat(reg.id, lease, stats.counters(), &stats.held()).await {
             Ok((true, _)) => {}
             Ok((false, _)) => {
                 // Reaped while we could not reach the database: come back.

@@ -1,6 +1,11 @@
-//! Lifetime counters of one process, reported with its heartbeat (`workers` row).
+//! What one process reports with its heartbeat: lifetime counters (`workers` row) and the
+//! claims it really holds (whose leases the heartbeat renews).
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
+
+use uuid::Uuid;
 
 use crate::store::WorkerCounters;
 
@@ -16,11 +21,37 @@ pub struct Stats {
     /// Finishing writes dropped because the claim had been taken away.
     pub fenced: AtomicI64,
     pub recovered_orphans: AtomicI64,
+    /// Claim tokens this process is executing right now. The heartbeat renews exactly these
+    /// leases: a claim whose response was lost (the connection died after the commit) is not
+    /// in here, so its lease runs out and the sweeper rescues it instead of it being kept
+    /// alive forever by a worker that does not know it holds it.
+    held: Mutex<HashSet<Uuid>>,
 }
 
 impl Stats {
     pub fn add(counter: &AtomicI64, n: i64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn hold(&self, tokens: impl IntoIterator<Item = Uuid>) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).extend(tokens);
+    }
+
+    pub fn release(&self, tokens: impl IntoIterator<Item = Uuid>) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tokens {
+            held.remove(&t);
+        }
+    }
+
+    /// The claim tokens held now.
+    pub fn held(&self) -> Vec<Uuid> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     pub fn counters(&self) -> WorkerCounters {

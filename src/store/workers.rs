@@ -27,9 +27,9 @@ pub struct WorkerCounters {
     pub recovered_orphans: i64,
 }
 
-/// Renews the process row and the leases of every task it is executing, in one statement.
-/// A task rescued (or re-claimed by another worker) meanwhile is not `claimed_by` this
-/// worker in EXECUTING any more, so a zombie's heartbeat cannot revive its lost claims.
+/// Renews the process row and the leases of the claims it holds, in one statement. Only the
+/// claim tokens the process knows it holds are renewed; a task rescued (or re-claimed by
+/// another worker) meanwhile has a new token, so a zombie's heartbeat cannot revive it.
 const HEARTBEAT: &str = r#"
 WITH w AS (
     UPDATE workers
@@ -43,7 +43,7 @@ WITH w AS (
 t AS (
     UPDATE order_tasks
     SET lease_expires_at = now() + make_interval(secs => $2)
-    WHERE claimed_by = $1 AND status = 'EXECUTING'
+    WHERE claimed_by = $1 AND status = 'EXECUTING' AND claim_token = ANY($8)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM w) AS workers, (SELECT count(*) FROM t) AS tasks
@@ -81,6 +81,7 @@ impl Store {
         worker_id: Uuid,
         lease: Duration,
         c: WorkerCounters,
+        held: &[Uuid],
     ) -> Result<(bool, u64), StoreError> {
         let (w, t): (i64, i64) = self
             .call("sending a heartbeat", async {
@@ -92,6 +93,7 @@ impl Store {
                     .bind(c.failed)
                     .bind(c.retries)
                     .bind(c.recovered_orphans)
+                    .bind(held)
                     .fetch_one(self.pool())
                     .await
             })

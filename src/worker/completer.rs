@@ -58,7 +58,9 @@ pub(super) async fn run(
             .iter()
             .filter(|u| u.transition.reason == "handed_back")
             .count() as u64;
-        // Dropping the batch releases its slots.
+        // Written (or given up to the sweeper): no longer ours to renew. Dropping the batch
+        // releases its slots.
+        stats.release(batch.iter().map(|f| f.task.claim_token));
         batch.clear();
     }
     handed_back

@@ -163,6 +163,7 @@ impl Worker {
                 }
             };
             let got = claimed.len() as u32;
+            self.stats.hold(claimed.iter().map(|t| t.claim_token));
             report.claimed += u64::from(got);
             for task in claimed {
                 let permit = permits.pop().expect("one permit per claimed task");

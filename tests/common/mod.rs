@@ -77,6 +77,12 @@ impl TestDb {
     }
 
     pub async fn on_server(admin: &str) -> Self {
+        if let Ok(filter) = std::env::var("TALLY_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let name = format!("tally_t_{}", Uuid::new_v4().simple());
         let mut conn = sqlx::PgConnection::connect(admin).await.expect("admin connection");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
