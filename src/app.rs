@@ -21,7 +21,10 @@ pub const SWEEPER_LEASE: &str = "sweeper";
 
 /// The handlers built into this binary.
 pub fn builtin_handlers(settings: &ServeSettings) -> Handlers {
-    Handlers::new().with("simulate", Arc::new(Simulate::new(settings.simulate.clone())))
+    Handlers::new().with(
+        "simulate",
+        Arc::new(Simulate::new(settings.simulate.clone())),
+    )
 }
 
 /// Runs the roles in `settings` until `shutdown` fires; returns once they have drained.
@@ -104,8 +107,12 @@ pub async fn run_roles(
                     actor.clone(),
                     stats.clone(),
                 );
-                let elector =
-                    PgElector::new(store.clone(), SWEEPER_LEASE, process_id, settings.leader_ttl);
+                let elector = PgElector::new(
+                    store.clone(),
+                    SWEEPER_LEASE,
+                    process_id,
+                    settings.leader_ttl,
+                );
                 tokio::spawn(s.run(Leadership::new(Box::new(elector)), shutdown))
             }
         });
@@ -162,7 +169,10 @@ async fn heartbeat(
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait() => return,
         }
-        match store.heartbeat(reg.id, lease, stats.counters(), &stats.held()).await {
+        match store
+            .heartbeat(reg.id, lease, stats.counters(), &stats.held())
+            .await
+        {
             Ok((true, _)) => {}
             Ok((false, _)) => {
                 // Reaped while we could not reach the database: come back.

@@ -100,7 +100,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         left -= q;
     }
     while generator.run_once().await?.orders > 0 {}
-    sqlx::query("VACUUM ANALYZE order_tasks").execute(store.pool()).await?;
+    sqlx::query("VACUUM ANALYZE order_tasks")
+        .execute(store.pool())
+        .await?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handlers = Handlers::new().with("noop", Arc::new(Probe(tx)));
@@ -116,9 +118,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let started = Instant::now();
     let fleet = start_workers(&store, &worker_cfg, &handlers, args.workers, &stop);
     loop {
-        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status <> 'COMPLETED'")
-            .fetch_one(store.pool())
-            .await?;
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE status <> 'COMPLETED'")
+                .fetch_one(store.pool())
+                .await?;
         if open == 0 {
             break;
         }
@@ -130,7 +133,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     eprintln!("throughput: {throughput:.0} tasks/s");
 
     // Pickup latency: the fleet is idle; submit single-unit orders at random gaps.
-    let gen_task = tokio::spawn(Generator::new(store.clone(), gen_cfg, "bench".into()).run(stop.clone()));
+    let gen_task =
+        tokio::spawn(Generator::new(store.clone(), gen_cfg, "bench".into()).run(stop.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut samples = Vec::with_capacity(args.pickup_samples as usize);
     for _ in 0..args.pickup_samples {
@@ -168,8 +172,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         );
     }
 
-    let server_version: String = sqlx::query_scalar("SHOW server_version").fetch_one(store.pool()).await?;
-    let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(store.pool()).await?;
+    let server_version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(store.pool())
+        .await?;
+    let fsync: String = sqlx::query_scalar("SHOW fsync")
+        .fetch_one(store.pool())
+        .await?;
     let out = json!({
         "postgres": {"version": server_version, "fsync": fsync},
         "throughput": {

@@ -121,8 +121,13 @@ pub enum Role {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Roles this process runs, comma-separated.
-    #[arg(long, env = "TALLY_ROLES", value_enum, value_delimiter = ',',
-          default_value = "generator,worker,sweeper")]
+    #[arg(
+        long,
+        env = "TALLY_ROLES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "generator,worker,sweeper"
+    )]
     pub roles: Vec<Role>,
     #[command(flatten)]
     pub db: DbArgs,
@@ -301,7 +306,10 @@ impl ServeArgs {
             roles.retain(|r| *r != Role::Worker);
         }
         if roles.is_empty() {
-            return Err("TALLY_ROLES selects no role (and TALLY_WORKER_ENABLED=false removed the worker)".into());
+            return Err(
+                "TALLY_ROLES selects no role (and TALLY_WORKER_ENABLED=false removed the worker)"
+                    .into(),
+            );
         }
         let backoff = self.retry.backoff()?;
         let w = &self.worker;
@@ -350,7 +358,10 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_runbook() {
-        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y"]).unwrap().command else {
+        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y"])
+            .unwrap()
+            .command
+        else {
             panic!("serve expected")
         };
         let st = s.settings().unwrap();
@@ -364,25 +375,75 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_variable() {
-        let err = parse(&["serve", "--worker-batch-size", "0"]).unwrap_err().to_string();
+        let err = parse(&["serve", "--worker-batch-size", "0"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("TALLY_WORKER_BATCH_SIZE"), "{err}");
-        let err = parse(&["serve", "--lease-ttl-sec", "soon"]).unwrap_err().to_string();
+        let err = parse(&["serve", "--lease-ttl-sec", "soon"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("TALLY_LEASE_TTL_SEC"), "{err}");
-        let err = parse(&["serve", "--roles", "generator,api2"]).unwrap_err().to_string();
+        let err = parse(&["serve", "--roles", "generator,api2"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("api2"), "{err}");
     }
 
     #[test]
     fn cross_checks_name_their_variables() {
-        let Command::Serve(s) = parse(&["serve"]).unwrap().command else { panic!() };
+        let Command::Serve(s) = parse(&["serve"]).unwrap().command else {
+            panic!()
+        };
         assert!(s.settings().unwrap_err().contains("TALLY_DATABASE_URL"));
-        let Command::Serve(s) = parse(&["serve", "--database-url", "mysql://x"]).unwrap().command else { panic!() };
+        let Command::Serve(s) = parse(&["serve", "--database-url", "mysql://x"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
         assert!(s.settings().unwrap_err().contains("TALLY_DATABASE_URL"));
-        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y", "--backoff-base-sec", "10", "--backoff-max-sec", "5"]).unwrap().command else { panic!() };
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--database-url",
+            "postgres://x/y",
+            "--backoff-base-sec",
+            "10",
+            "--backoff-max-sec",
+            "5",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
         assert!(s.settings().unwrap_err().contains("TALLY_BACKOFF_BASE_SEC"));
-        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y", "--backoff-jitter", "0.8"]).unwrap().command else { panic!() };
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--database-url",
+            "postgres://x/y",
+            "--backoff-jitter",
+            "0.8",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
         assert!(s.settings().unwrap_err().contains("TALLY_BACKOFF_JITTER"));
-        let Command::Serve(s) = parse(&["serve", "--database-url", "postgres://x/y", "--roles", "worker", "--worker-enabled", "false"]).unwrap().command else { panic!() };
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--database-url",
+            "postgres://x/y",
+            "--roles",
+            "worker",
+            "--worker-enabled",
+            "false",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
         assert!(s.settings().unwrap_err().contains("TALLY_ROLES"));
     }
 }

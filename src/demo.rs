@@ -93,7 +93,10 @@ impl Fleet {
             }
         }
         for (_, c) in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(15), c.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(15), c.wait())
+                .await
+                .is_err()
+            {
                 let _ = c.kill().await;
             }
         }
@@ -102,7 +105,10 @@ impl Fleet {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     if !(0.0..1.0).contains(&args.failure_rate) {
-        bail!("--failure-rate must be at least 0 and below 1, got {}", args.failure_rate);
+        bail!(
+            "--failure-rate must be at least 0 and below 1, got {}",
+            args.failure_rate
+        );
     }
     let request = OrderRequest {
         kind: "simulate".into(),
@@ -119,9 +125,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         Some(url) => (None, url.clone()),
         None => {
             say(&args, "starting a throwaway PostgreSQL …");
-            let cluster = tokio::task::spawn_blocking(|| TempCluster::start(ClusterOptions::default()))
-                .await?
-                .context("starting a throwaway PostgreSQL (or pass --database-url)")?;
+            let cluster =
+                tokio::task::spawn_blocking(|| TempCluster::start(ClusterOptions::default()))
+                    .await?
+                    .context("starting a throwaway PostgreSQL (or pass --database-url)")?;
             let url = cluster.url("postgres");
             (Some(cluster), url)
         }
@@ -148,7 +155,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Err(e) => {
-            eprintln!("demo failed: {e:#}\nprocess logs are in {}", fleet.log_dir.display());
+            eprintln!(
+                "demo failed: {e:#}\nprocess logs are in {}",
+                fleet.log_dir.display()
+            );
             std::process::ExitCode::FAILURE
         }
     };
@@ -182,7 +192,10 @@ fn start_fleet(args: &DemoArgs, url: &str, log_dir: &std::path::Path) -> anyhow:
             .env("TALLY_BACKOFF_MAX_SEC", "2")
             .env("TALLY_SHUTDOWN_GRACE_SEC", "5")
             .env("TALLY_SIMULATE_LATENCY_MS", args.latency_ms.to_string())
-            .env("TALLY_SIMULATE_TRANSIENT_FAILURE_RATE", args.failure_rate.to_string())
+            .env(
+                "TALLY_SIMULATE_TRANSIENT_FAILURE_RATE",
+                args.failure_rate.to_string(),
+            )
             .env("RUST_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -213,11 +226,17 @@ async fn drive(
         IntakeOutcome::Created(id) => id,
         other => bail!("unexpected intake outcome {other:?}"),
     };
-    say(args, &format!(
-        "order {id}: {} units of simulate in {} tasks of ~{}, {} workers{}",
-        order.quantity, order.task_count, order.chunk_size, args.workers,
-        if args.chaos { ", chaos on" } else { "" }
-    ));
+    say(
+        args,
+        &format!(
+            "order {id}: {} units of simulate in {} tasks of ~{}, {} workers{}",
+            order.quantity,
+            order.task_count,
+            order.chunk_size,
+            args.workers,
+            if args.chaos { ", chaos on" } else { "" }
+        ),
+    );
     let tty = std::io::stderr().is_terminal() && !args.json;
     let mut chaos: Option<(i32, i64)> = None;
     let mut last_line = Instant::now() - Duration::from_secs(10);
@@ -228,7 +247,10 @@ async fn drive(
         if args.chaos && chaos.is_none() && row.delivered * 4 >= row.quantity && !done {
             chaos = kill_a_busy_worker(store, fleet).await?;
             if let Some((pid, held)) = chaos {
-                say(args, &format!("chaos: SIGKILL worker pid {pid} holding {held} tasks"));
+                say(
+                    args,
+                    &format!("chaos: SIGKILL worker pid {pid} holding {held} tasks"),
+                );
             }
         }
         if tty {
@@ -244,7 +266,11 @@ async fn drive(
             break row;
         }
         if Instant::now() > deadline {
-            bail!("the order did not finish within {} s (status {})", args.timeout_sec, row.status);
+            bail!(
+                "the order did not finish within {} s (status {})",
+                args.timeout_sec,
+                row.status
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -254,7 +280,12 @@ async fn drive(
     let duration = started.elapsed();
 
     // The verdict comes from the sweeper's own auditor, run once more now.
-    let auditor = Sweeper::new(store.clone(), SweeperConfig::default(), "demo".into(), Default::default());
+    let auditor = Sweeper::new(
+        store.clone(),
+        SweeperConfig::default(),
+        "demo".into(),
+        Default::default(),
+    );
     let audit = auditor.audit_orders(&[id]).await?;
     let counts = store.order_task_counts(id).await?;
     let reasons = store.order_transition_counts(id).await?;
@@ -265,13 +296,18 @@ async fn drive(
         .first()
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| serde_json::json!([]));
-    let conserved = row.delivered + row.failed_permanent_units + row.cancelled_units == row.quantity;
+    let conserved =
+        row.delivered + row.failed_permanent_units + row.cancelled_units == row.quantity;
     let holds = conserved && audit.violations.is_empty() && audit.orders_checked == 1;
     let verdict = if row.failed_permanent_units == 0 {
         format!(
             "delivered {} {} expected {}",
             row.delivered,
-            if row.delivered == row.quantity { "=" } else { "≠" },
+            if row.delivered == row.quantity {
+                "="
+            } else {
+                "≠"
+            },
             row.quantity
         )
     } else {
@@ -305,7 +341,10 @@ async fn drive(
 }
 
 /// SIGKILLs the worker child holding the most EXECUTING tasks. Returns (pid, tasks held).
-async fn kill_a_busy_worker(store: &Store, fleet: &mut Fleet) -> anyhow::Result<Option<(i32, i64)>> {
+async fn kill_a_busy_worker(
+    store: &Store,
+    fleet: &mut Fleet,
+) -> anyhow::Result<Option<(i32, i64)>> {
     let busy = store.executing_by_pid().await?;
     for (pid, held) in busy {
         if let Some((_, child)) = fleet
@@ -344,17 +383,27 @@ fn say(args: &DemoArgs, msg: &str) {
 fn print_summary(s: &DemoSummary) {
     println!("order             {}", s.order_id);
     println!("status            {}", s.status);
-    println!("tasks             {} ({} dead-lettered)", s.tasks, s.tasks_dead_lettered);
+    println!(
+        "tasks             {} ({} dead-lettered)",
+        s.tasks, s.tasks_dead_lettered
+    );
     println!("attempts          {}", s.attempts);
     println!("retries           {}", s.retries);
     println!("orphans recovered {}", s.orphans_recovered);
     if let Some(pid) = s.chaos_killed_pid {
-        println!("chaos             SIGKILLed worker pid {pid} holding {} tasks", s.chaos_tasks_held);
+        println!(
+            "chaos             SIGKILLed worker pid {pid} holding {} tasks",
+            s.chaos_tasks_held
+        );
     }
     println!("duration          {:.2} s", s.duration_secs);
     println!(
         "invariant         {} — {}",
         s.verdict,
-        if s.invariant_holds { "holds" } else { "VIOLATED" }
+        if s.invariant_holds {
+            "holds"
+        } else {
+            "VIOLATED"
+        }
     );
 }

@@ -77,10 +77,12 @@ impl Generator {
             }
             let wait = async {
                 match listener.as_mut() {
-                    Some(l) => match tokio::time::timeout(self.config.poll_interval, l.try_recv()).await {
-                        Ok(Ok(Some(_))) | Err(_) => true,
-                        Ok(_) => false,
-                    },
+                    Some(l) => {
+                        match tokio::time::timeout(self.config.poll_interval, l.try_recv()).await {
+                            Ok(Ok(Some(_))) | Err(_) => true,
+                            Ok(_) => false,
+                        }
+                    }
                     None => {
                         tokio::time::sleep(self.config.poll_interval).await;
                         true

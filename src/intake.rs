@@ -167,9 +167,18 @@ mod tests {
         assert_eq!(bad(|r| r.target = "a\nb".into()), "target");
         assert_eq!(bad(|r| r.quantity = 0), "quantity");
         assert_eq!(bad(|r| r.chunk_size = Some(0)), "chunk_size");
-        assert_eq!(bad(|r| { r.quantity = 1_000_000_000; r.chunk_size = Some(1) }), "chunk_size");
+        assert_eq!(
+            bad(|r| {
+                r.quantity = 1_000_000_000;
+                r.chunk_size = Some(1)
+            }),
+            "chunk_size"
+        );
         assert_eq!(bad(|r| r.max_attempts = Some(0)), "max_attempts");
-        assert_eq!(prepare(&req(), d, Some(""), None).unwrap_err().field, "Idempotency-Key");
+        assert_eq!(
+            prepare(&req(), d, Some(""), None).unwrap_err().field,
+            "Idempotency-Key"
+        );
     }
 
     #[test]
@@ -180,6 +189,9 @@ mod tests {
         assert_eq!(a.canonical_request, b.canonical_request);
         let mut r = req();
         r.quantity += 1;
-        assert_ne!(prepare(&r, d, Some("a"), None).unwrap().canonical_request, a.canonical_request);
+        assert_ne!(
+            prepare(&r, d, Some("a"), None).unwrap().canonical_request,
+            a.canonical_request
+        );
     }
 }

@@ -37,7 +37,10 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate(args) => {
-            let opts = args.db.store_options("tally-migrate").map_err(anyhow::Error::msg)?;
+            let opts = args
+                .db
+                .store_options("tally-migrate")
+                .map_err(anyhow::Error::msg)?;
             let store = tally::store::Store::connect(&opts).await?;
             store.migrate().await?;
             eprintln!("migrations applied");

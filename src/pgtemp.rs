@@ -194,8 +194,7 @@ impl TempCluster {
         let run_as = run_as_user()?;
 
         let base = base_dir.unwrap_or_else(std::env::temp_dir);
-        fs::create_dir_all(&base)
-            .map_err(with_context(format!("creating {}", base.display())))?;
+        fs::create_dir_all(&base).map_err(with_context(format!("creating {}", base.display())))?;
         let root = base.join(format!("tally-pg-{}", uuid::Uuid::new_v4()));
         DirBuilder::new()
             .mode(0o700)
@@ -373,7 +372,11 @@ impl TempCluster {
             match self.pg_ctl_start() {
                 Ok(()) => return Ok(()),
                 Err(_) if attempt < START_ATTEMPTS && self.port_conflict_since(log_offset) => {
-                    tracing::debug!(port, attempt, "port was taken before PostgreSQL bound it; retrying");
+                    tracing::debug!(
+                        port,
+                        attempt,
+                        "port was taken before PostgreSQL bound it; retrying"
+                    );
                     attempt += 1;
                 }
                 Err(err) => return Err(err),
@@ -391,7 +394,8 @@ impl TempCluster {
             return false;
         }
         let text = String::from_utf8_lossy(&buf);
-        text.contains("Address already in use") || text.contains("could not create any TCP/IP sockets")
+        text.contains("Address already in use")
+            || text.contains("could not create any TCP/IP sockets")
     }
 
     /// `pg_ctl -w start`, with the server log tail on failure.
@@ -846,7 +850,10 @@ mod tests {
         cluster
             .stop("immediate")
             .unwrap_or_else(|err| panic!("stopping temp cluster: {err}"));
-        assert!(!can_connect(port), "port {port} still accepts connections after stop");
+        assert!(
+            !can_connect(port),
+            "port {port} still accepts connections after stop"
+        );
 
         cluster
             .restart_after_stop()

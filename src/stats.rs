@@ -34,7 +34,10 @@ impl Stats {
     }
 
     pub fn hold(&self, tokens: impl IntoIterator<Item = Uuid>) {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).extend(tokens);
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(tokens);
     }
 
     pub fn release(&self, tokens: impl IntoIterator<Item = Uuid>) {

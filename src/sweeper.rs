@@ -86,25 +86,33 @@ impl Sweeper {
 
     /// Rescues orphaned tasks. Returns how many this sweeper recovered.
     pub async fn rescue_once(&self) -> Result<u64, StoreError> {
-        let expired = self.store.expired_tasks(self.config.rescue_batch_max).await?;
+        let expired = self
+            .store
+            .expired_tasks(self.config.rescue_batch_max)
+            .await?;
         if expired.is_empty() {
             return Ok(0);
         }
         let updates: Vec<TaskUpdate> = expired
             .iter()
             .filter_map(|t| {
-                decide(&t.snapshot(), &TaskEvent::LeaseExpired, &self.config.backoff, 0.0)
-                    .map_err(|e| tracing::error!(task.id = t.id, error = %e, "cannot rescue"))
-                    .ok()
-                    .map(|transition| TaskUpdate {
-                        task_id: t.id,
-                        claim_token: t.claim_token,
-                        transition,
-                        error: Some(format!(
-                            "lease expired while claimed by worker {}",
-                            t.claimed_by.map(|w| w.to_string()).unwrap_or_default()
-                        )),
-                    })
+                decide(
+                    &t.snapshot(),
+                    &TaskEvent::LeaseExpired,
+                    &self.config.backoff,
+                    0.0,
+                )
+                .map_err(|e| tracing::error!(task.id = t.id, error = %e, "cannot rescue"))
+                .ok()
+                .map(|transition| TaskUpdate {
+                    task_id: t.id,
+                    claim_token: t.claim_token,
+                    transition,
+                    error: Some(format!(
+                        "lease expired while claimed by worker {}",
+                        t.claimed_by.map(|w| w.to_string()).unwrap_or_default()
+                    )),
+                })
             })
             .collect();
         let applied = self
@@ -159,10 +167,16 @@ impl Sweeper {
     pub async fn finalise_once(&self) -> Result<(u64, u64), StoreError> {
         let (completed, flagged) = self.store.finalise_orders(&self.actor).await?;
         if completed > 0 {
-            tracing::warn!(completed, "safety net completed orders a completion write missed");
+            tracing::warn!(
+                completed,
+                "safety net completed orders a completion write missed"
+            );
         }
         if flagged > 0 {
-            tracing::warn!(flagged, "orders need attention: every remaining task is dead-lettered");
+            tracing::warn!(
+                flagged,
+                "orders need attention: every remaining task is dead-lettered"
+            );
         }
         Ok((completed, flagged))
     }

@@ -18,12 +18,17 @@ use uuid::Uuid;
 async fn generated_tasks_follow_the_chunk_plan_exactly() {
     let db = TestDb::new().await;
     let id = OrderSpec::units(15_000, 400).generated(&db.store).await;
-    let sizes: Vec<i32> = sqlx::query_scalar("SELECT quantity FROM order_tasks WHERE order_id = $1 ORDER BY seq")
-        .bind(id)
-        .fetch_all(db.pool())
-        .await
-        .unwrap();
-    let plan: Vec<i32> = ChunkPlan::new(15_000, 400).unwrap().sizes().map(|s| s as i32).collect();
+    let sizes: Vec<i32> =
+        sqlx::query_scalar("SELECT quantity FROM order_tasks WHERE order_id = $1 ORDER BY seq")
+            .bind(id)
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    let plan: Vec<i32> = ChunkPlan::new(15_000, 400)
+        .unwrap()
+        .sizes()
+        .map(|s| s as i32)
+        .collect();
     assert_eq!(sizes.len(), 38);
     assert_eq!(sizes, plan);
     assert_eq!(order_status(&db.store, id).await, "PROCESSING");
@@ -42,7 +47,14 @@ async fn generator_is_idempotent_under_concurrency() {
     for i in 0..8 {
         let store = db.another_store().await;
         racers.push(tokio::spawn(async move {
-            let g = Generator::new(store, GeneratorConfig { orders_per_pass_max: 2, ..Default::default() }, format!("g{i}"));
+            let g = Generator::new(
+                store,
+                GeneratorConfig {
+                    orders_per_pass_max: 2,
+                    ..Default::default()
+                },
+                format!("g{i}"),
+            );
             let mut made = 0;
             for _ in 0..10 {
                 made += g.run_once().await.unwrap().tasks;
@@ -54,9 +66,15 @@ async fn generator_is_idempotent_under_concurrency() {
     for r in racers {
         total += r.await.unwrap();
     }
-    let expected: u64 = [1u64, 399, 400, 401, 15_000, 100_000].iter().map(|q| q.div_ceil(400)).sum();
+    let expected: u64 = [1u64, 399, 400, 401, 15_000, 100_000]
+        .iter()
+        .map(|q| q.div_ceil(400))
+        .sum();
     assert_eq!(total, expected);
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_tasks").await as u64, expected);
+    assert_eq!(
+        scalar_i64(&db.store, "SELECT count(*) FROM order_tasks").await as u64,
+        expected
+    );
     assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM (SELECT order_id, seq FROM order_tasks GROUP BY 1, 2 HAVING count(*) > 1) d").await, 0);
     assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'tasks_generated'").await, 6);
     // Running again changes nothing.
@@ -70,11 +88,12 @@ async fn a_million_unit_order_fans_out_in_one_statement() {
     let id = OrderSpec::units(1_000_000, 400).create(&db.store).await;
     let (orders, tasks) = db.store.generate_tasks(10, "test").await.unwrap();
     assert_eq!((orders, tasks), (1, 2500));
-    let sum: i64 = sqlx::query_scalar("SELECT sum(quantity)::bigint FROM order_tasks WHERE order_id = $1")
-        .bind(id)
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let sum: i64 =
+        sqlx::query_scalar("SELECT sum(quantity)::bigint FROM order_tasks WHERE order_id = $1")
+            .bind(id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!(sum, 1_000_000);
 }
 
@@ -90,13 +109,34 @@ async fn concurrent_workers_deliver_every_task_exactly_once() {
     // Four worker pods with their own pools, plus a sweeper.
     let mut pods = Vec::new();
     for _ in 0..4 {
-        pods.push(Pod::start(&db.url, settings(&db.url, &[Role::Worker]), handlers_for("test", rec.clone())).await);
+        pods.push(
+            Pod::start(
+                &db.url,
+                settings(&db.url, &[Role::Worker]),
+                handlers_for("test", rec.clone()),
+            )
+            .await,
+        );
     }
-    pods.push(Pod::start(&db.url, settings(&db.url, &[Role::Sweeper]), handlers_for("test", rec.clone())).await);
+    pods.push(
+        Pod::start(
+            &db.url,
+            settings(&db.url, &[Role::Sweeper]),
+            handlers_for("test", rec.clone()),
+        )
+        .await,
+    );
     let store = db.store.clone();
     wait_until(Duration::from_secs(60), "every order completed", || {
         let store = store.clone();
-        async move { scalar_i64(&store, "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'").await == 0 }
+        async move {
+            scalar_i64(
+                &store,
+                "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
+            )
+            .await
+                == 0
+        }
     })
     .await;
     for p in pods {
@@ -104,17 +144,34 @@ async fn concurrent_workers_deliver_every_task_exactly_once() {
     }
     let calls = rec.calls.lock().unwrap().clone();
     assert_eq!(calls.len() as i64, total_tasks, "every task ran");
-    assert!(calls.values().all(|&n| n == 1), "no task ran twice: {calls:?}");
+    assert!(
+        calls.values().all(|&n| n == 1),
+        "no task ran twice: {calls:?}"
+    );
     assert_eq!(*rec.overlaps.lock().unwrap(), 0);
     for id in orders {
         let o = db.store.get_order(id).await.unwrap().unwrap();
         assert_eq!(o.delivered, o.quantity);
     }
     // Every claim is audited, and each task was claimed exactly once.
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'claimed'").await, total_tasks);
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'claimed'"
+        )
+        .await,
+        total_tasks
+    );
     assert!(audit_all(&db.store).await.is_empty());
     // Workers deregistered on the way out.
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM workers WHERE stopped_at IS NULL").await, 0);
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM workers WHERE stopped_at IS NULL"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -123,7 +180,12 @@ async fn an_order_completes_in_the_statement_that_delivers_its_last_unit() {
     let id = OrderSpec::units(1000, 100).generated(&db.store).await;
     let rec = Recorder::new(Duration::ZERO);
     // Worker only: no sweeper, so nothing but the completion write can finalise the order.
-    let pod = Pod::start(&db.url, settings(&db.url, &[Role::Worker]), handlers_for("test", rec)).await;
+    let pod = Pod::start(
+        &db.url,
+        settings(&db.url, &[Role::Worker]),
+        handlers_for("test", rec),
+    )
+    .await;
     let store = db.store.clone();
     wait_until(Duration::from_secs(10), "order completed", || {
         let store = store.clone();
@@ -138,7 +200,10 @@ async fn an_order_completes_in_the_statement_that_delivers_its_last_unit() {
     .fetch_one(db.pool())
     .await
     .unwrap();
-    assert_eq!(finished, last_task, "finished in the same transaction as the last delivery");
+    assert_eq!(
+        finished, last_task,
+        "finished in the same transaction as the last delivery"
+    );
     let reason: String = sqlx::query_scalar("SELECT transition_reason FROM order_task_transitions WHERE order_id = $1 AND task_id IS NULL AND to_state = 'COMPLETED'")
         .bind(id)
         .fetch_one(db.pool())
@@ -150,9 +215,14 @@ async fn an_order_completes_in_the_statement_that_delivers_its_last_unit() {
 #[tokio::test]
 async fn retries_follow_the_backoff_in_database_time_then_dead_letter() {
     let db = TestDb::new().await;
-    let id = OrderSpec { quantity: 10, chunk_size: 10, max_attempts: 3, ..Default::default() }
-        .generated(&db.store)
-        .await;
+    let id = OrderSpec {
+        quantity: 10,
+        chunk_size: 10,
+        max_attempts: 3,
+        ..Default::default()
+    }
+    .generated(&db.store)
+    .await;
     let rec = Recorder::new(Duration::ZERO);
     *rec.fail_first.lock().unwrap() = Some((99, ErrorClass::NetworkError));
     let s = settings(&db.url, &[Role::Worker]);
@@ -161,7 +231,14 @@ async fn retries_follow_the_backoff_in_database_time_then_dead_letter() {
     let store = db.store.clone();
     wait_until(Duration::from_secs(20), "task dead-lettered", || {
         let store = store.clone();
-        async move { scalar_i64(&store, "SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT'").await == 1 }
+        async move {
+            scalar_i64(
+                &store,
+                "SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT'",
+            )
+            .await
+                == 1
+        }
     })
     .await;
     pod.stop().await;
@@ -175,20 +252,44 @@ async fn retries_follow_the_backoff_in_database_time_then_dead_letter() {
     .await
     .unwrap();
     let reasons: Vec<&str> = times.iter().map(|(r, _)| r.as_str()).collect();
-    assert_eq!(reasons, ["claimed", "retry_scheduled", "claimed", "retry_scheduled", "claimed", "dead_lettered"]);
+    assert_eq!(
+        reasons,
+        [
+            "claimed",
+            "retry_scheduled",
+            "claimed",
+            "retry_scheduled",
+            "claimed",
+            "dead_lettered"
+        ]
+    );
     for (attempt, pair) in [(1u32, (1usize, 2usize)), (2, (3, 4))] {
         let gap = (times[pair.1].1 - times[pair.0].1).to_std().unwrap();
         let (lo, _) = backoff.bounds(attempt);
-        assert!(gap >= lo, "attempt {attempt}: retried after {gap:?}, before the backoff floor {lo:?}");
-        assert!(gap < lo + Duration::from_secs(2), "attempt {attempt}: retried only after {gap:?}");
+        assert!(
+            gap >= lo,
+            "attempt {attempt}: retried after {gap:?}, before the backoff floor {lo:?}"
+        );
+        assert!(
+            gap < lo + Duration::from_secs(2),
+            "attempt {attempt}: retried only after {gap:?}"
+        );
     }
     let o = db.store.get_order(id).await.unwrap().unwrap();
-    assert_eq!((o.status.as_str(), o.failed_permanent_units, o.needs_attention), ("PROCESSING", 10, true));
-    let (attempts, class): (i32, String) = sqlx::query_as("SELECT attempts, last_error_class FROM order_tasks WHERE order_id = $1")
-        .bind(id)
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    assert_eq!(
+        (
+            o.status.as_str(),
+            o.failed_permanent_units,
+            o.needs_attention
+        ),
+        ("PROCESSING", 10, true)
+    );
+    let (attempts, class): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error_class FROM order_tasks WHERE order_id = $1")
+            .bind(id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!((attempts, class.as_str()), (3, "NetworkError"));
     assert!(audit_all(&db.store).await.is_empty());
 }
@@ -198,12 +299,34 @@ async fn retry_after_is_set_from_database_time() {
     let db = TestDb::new().await;
     let id = OrderSpec::units(5, 5).generated(&db.store).await;
     let w = Uuid::new_v4();
-    let claimed = db.store.claim_tasks(w, 1, &["test".into()], Duration::from_secs(30)).await.unwrap();
+    let claimed = db
+        .store
+        .claim_tasks(w, 1, &["test".into()], Duration::from_secs(30))
+        .await
+        .unwrap();
     let t = &claimed[0];
     let backoff = tally::domain::Backoff::DEFAULT;
-    let tr = tally::domain::state::decide(&t.snapshot(), &tally::domain::TaskEvent::Failed { class: ErrorClass::TimeoutError, retry_in: None }, &backoff, 0.0).unwrap();
+    let tr = tally::domain::state::decide(
+        &t.snapshot(),
+        &tally::domain::TaskEvent::Failed {
+            class: ErrorClass::TimeoutError,
+            retry_in: None,
+        },
+        &backoff,
+        0.0,
+    )
+    .unwrap();
     db.store
-        .apply_task_updates(&[tally::store::TaskUpdate { task_id: t.id, claim_token: t.claim_token, transition: tr, error: Some("slow".into()) }], tally::store::UpdateFence::Claim, "t")
+        .apply_task_updates(
+            &[tally::store::TaskUpdate {
+                task_id: t.id,
+                claim_token: t.claim_token,
+                transition: tr,
+                error: Some("slow".into()),
+            }],
+            tally::store::UpdateFence::Claim,
+            "t",
+        )
         .await
         .unwrap();
     let secs: f64 = sqlx::query_scalar("SELECT extract(epoch FROM retry_after - executed_at)::float8 FROM order_tasks WHERE order_id = $1")
@@ -211,11 +334,30 @@ async fn retry_after_is_set_from_database_time() {
         .fetch_one(db.pool())
         .await
         .unwrap();
-    assert!((secs - 5.0).abs() < 0.001, "retry_after = executed_at + 5 s, got {secs}");
+    assert!(
+        (secs - 5.0).abs() < 0.001,
+        "retry_after = executed_at + 5 s, got {secs}"
+    );
     // Not claimable before then.
-    assert!(db.store.claim_tasks(w, 10, &["test".into()], Duration::from_secs(30)).await.unwrap().is_empty());
-    sqlx::query("UPDATE order_tasks SET retry_after = now() - interval '1 ms'").execute(db.pool()).await.unwrap();
-    assert_eq!(db.store.claim_tasks(w, 10, &["test".into()], Duration::from_secs(30)).await.unwrap().len(), 1);
+    assert!(
+        db.store
+            .claim_tasks(w, 10, &["test".into()], Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    sqlx::query("UPDATE order_tasks SET retry_after = now() - interval '1 ms'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store
+            .claim_tasks(w, 10, &["test".into()], Duration::from_secs(30))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -224,7 +366,12 @@ async fn validation_errors_dead_letter_at_once() {
     let id = OrderSpec::units(300, 100).generated(&db.store).await;
     let rec = Recorder::new(Duration::ZERO);
     *rec.fail_first.lock().unwrap() = Some((99, ErrorClass::ValidationError));
-    let pod = Pod::start(&db.url, settings(&db.url, &[Role::Worker]), handlers_for("test", rec.clone())).await;
+    let pod = Pod::start(
+        &db.url,
+        settings(&db.url, &[Role::Worker]),
+        handlers_for("test", rec.clone()),
+    )
+    .await;
     let store = db.store.clone();
     wait_until(Duration::from_secs(10), "all dead-lettered", || {
         let store = store.clone();
@@ -243,16 +390,65 @@ async fn partial_delivery_is_counted_once_and_the_rest_requeued() {
     let w = Uuid::new_v4();
     let kinds = vec!["test".to_string()];
     let lease = Duration::from_secs(30);
-    let t = db.store.claim_tasks(w, 1, &kinds, lease).await.unwrap().remove(0);
-    let tr = tally::domain::state::decide(&t.snapshot(), &tally::domain::TaskEvent::Delivered { units: 30 }, &tally::domain::Backoff::DEFAULT, 0.0).unwrap();
-    db.store.apply_task_updates(&[tally::store::TaskUpdate { task_id: t.id, claim_token: t.claim_token, transition: tr, error: None }], tally::store::UpdateFence::Claim, "t").await.unwrap();
+    let t = db
+        .store
+        .claim_tasks(w, 1, &kinds, lease)
+        .await
+        .unwrap()
+        .remove(0);
+    let tr = tally::domain::state::decide(
+        &t.snapshot(),
+        &tally::domain::TaskEvent::Delivered { units: 30 },
+        &tally::domain::Backoff::DEFAULT,
+        0.0,
+    )
+    .unwrap();
+    db.store
+        .apply_task_updates(
+            &[tally::store::TaskUpdate {
+                task_id: t.id,
+                claim_token: t.claim_token,
+                transition: tr,
+                error: None,
+            }],
+            tally::store::UpdateFence::Claim,
+            "t",
+        )
+        .await
+        .unwrap();
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!((o.delivered, o.status.as_str()), (30, "PROCESSING"));
-    sqlx::query("UPDATE order_tasks SET retry_after = now()").execute(db.pool()).await.unwrap();
-    let t = db.store.claim_tasks(w, 1, &kinds, lease).await.unwrap().remove(0);
+    sqlx::query("UPDATE order_tasks SET retry_after = now()")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let t = db
+        .store
+        .claim_tasks(w, 1, &kinds, lease)
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!((t.snapshot().remaining(), t.attempts), (70, 2));
-    let tr = tally::domain::state::decide(&t.snapshot(), &tally::domain::TaskEvent::Delivered { units: 70 }, &tally::domain::Backoff::DEFAULT, 0.0).unwrap();
-    db.store.apply_task_updates(&[tally::store::TaskUpdate { task_id: t.id, claim_token: t.claim_token, transition: tr, error: None }], tally::store::UpdateFence::Claim, "t").await.unwrap();
+    let tr = tally::domain::state::decide(
+        &t.snapshot(),
+        &tally::domain::TaskEvent::Delivered { units: 70 },
+        &tally::domain::Backoff::DEFAULT,
+        0.0,
+    )
+    .unwrap();
+    db.store
+        .apply_task_updates(
+            &[tally::store::TaskUpdate {
+                task_id: t.id,
+                claim_token: t.claim_token,
+                transition: tr,
+                error: None,
+            }],
+            tally::store::UpdateFence::Claim,
+            "t",
+        )
+        .await
+        .unwrap();
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!((o.delivered, o.status.as_str()), (100, "COMPLETED"));
     assert!(audit_all(&db.store).await.is_empty());
@@ -261,23 +457,35 @@ async fn partial_delivery_is_counted_once_and_the_rest_requeued() {
 #[tokio::test]
 async fn a_handler_past_the_claim_timeout_is_cancelled_as_timeout_error() {
     let db = TestDb::new().await;
-    let id = OrderSpec { quantity: 1, chunk_size: 1, max_attempts: 1, ..Default::default() }.generated(&db.store).await;
+    let id = OrderSpec {
+        quantity: 1,
+        chunk_size: 1,
+        max_attempts: 1,
+        ..Default::default()
+    }
+    .generated(&db.store)
+    .await;
     let rec = Recorder::new(Duration::from_secs(600));
     let mut s = settings(&db.url, &[Role::Worker]);
     s.worker.claim_timeout = Duration::from_millis(300);
     let pod = Pod::start(&db.url, s, handlers_for("test", rec)).await;
     let store = db.store.clone();
-    wait_until(Duration::from_secs(10), "timed out task dead-lettered", || {
-        let store = store.clone();
-        async move { store.get_order(id).await.unwrap().unwrap().needs_attention }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "timed out task dead-lettered",
+        || {
+            let store = store.clone();
+            async move { store.get_order(id).await.unwrap().unwrap().needs_attention }
+        },
+    )
     .await;
     pod.stop().await;
-    let class: String = sqlx::query_scalar("SELECT last_error_class FROM order_tasks WHERE order_id = $1")
-        .bind(id)
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let class: String =
+        sqlx::query_scalar("SELECT last_error_class FROM order_tasks WHERE order_id = $1")
+            .bind(id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!(class, "TimeoutError");
 }
 
@@ -301,18 +509,30 @@ async fn graceful_shutdown_hands_back_without_burning_attempts() {
     pod.stop().await;
     assert_eq!(rec.total_calls(), 8);
     // Nothing left executing, every task back in the queue with zero attempts.
-    let rows: Vec<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM order_tasks WHERE order_id = $1")
-        .bind(id)
-        .fetch_all(db.pool())
-        .await
-        .unwrap();
-    assert!(rows.iter().all(|(s, a)| s == "PENDING" && *a == 0), "{rows:?}");
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'handed_back'").await, 8);
-    let stopped: bool = sqlx::query_scalar("SELECT stopped_at IS NOT NULL FROM workers WHERE id = $1")
-        .bind(pod_id)
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("SELECT status, attempts FROM order_tasks WHERE order_id = $1")
+            .bind(id)
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert!(
+        rows.iter().all(|(s, a)| s == "PENDING" && *a == 0),
+        "{rows:?}"
+    );
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'handed_back'"
+        )
+        .await,
+        8
+    );
+    let stopped: bool =
+        sqlx::query_scalar("SELECT stopped_at IS NOT NULL FROM workers WHERE id = $1")
+            .bind(pod_id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert!(stopped, "the worker deregistered");
     assert!(audit_all(&db.store).await.is_empty());
 }
@@ -323,10 +543,26 @@ async fn global_pause_stops_claims_and_resume_restarts_them() {
     OrderSpec::units(10, 1).generated(&db.store).await;
     let kinds = vec!["test".to_string()];
     db.store.set_paused(true, "test").await.unwrap();
-    assert!(db.store.claim_tasks(Uuid::new_v4(), 10, &kinds, Duration::from_secs(5)).await.unwrap().is_empty());
+    assert!(
+        db.store
+            .claim_tasks(Uuid::new_v4(), 10, &kinds, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     db.store.set_paused(false, "test").await.unwrap();
-    db.store.set_batch_size_override(Some(3), "test").await.unwrap();
-    assert_eq!(db.store.claim_tasks(Uuid::new_v4(), 10, &kinds, Duration::from_secs(5)).await.unwrap().len(), 3);
+    db.store
+        .set_batch_size_override(Some(3), "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store
+            .claim_tasks(Uuid::new_v4(), 10, &kinds, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
 }
 
 #[tokio::test]
@@ -336,15 +572,38 @@ async fn claims_interleave_orders_and_priority_wins() {
     let lease = Duration::from_secs(60);
     let giant = OrderSpec::units(1_000_000, 400).generated(&db.store).await;
     // A worker has already taken the giant's first 500 tasks.
-    let first = db.store.claim_tasks(Uuid::new_v4(), 500, &kinds, lease).await.unwrap();
-    assert!(first.iter().all(|t| t.order_id == giant), "work-conserving: the giant alone fills a batch");
+    let first = db
+        .store
+        .claim_tasks(Uuid::new_v4(), 500, &kinds, lease)
+        .await
+        .unwrap();
+    assert!(
+        first.iter().all(|t| t.order_id == giant),
+        "work-conserving: the giant alone fills a batch"
+    );
     let small = OrderSpec::units(800, 400).generated(&db.store).await;
-    let next = db.store.claim_tasks(Uuid::new_v4(), 10, &kinds, lease).await.unwrap();
+    let next = db
+        .store
+        .claim_tasks(Uuid::new_v4(), 10, &kinds, lease)
+        .await
+        .unwrap();
     let small_claimed = next.iter().filter(|t| t.order_id == small).count();
-    assert_eq!(small_claimed, 2, "the small order's tasks come first in the next claim");
+    assert_eq!(
+        small_claimed, 2,
+        "the small order's tasks come first in the next claim"
+    );
     assert_eq!(next.len(), 10, "and the giant fills the rest of the batch");
-    let urgent = OrderSpec { priority: 5, ..OrderSpec::units(400, 400) }.generated(&db.store).await;
-    let next = db.store.claim_tasks(Uuid::new_v4(), 1, &kinds, lease).await.unwrap();
+    let urgent = OrderSpec {
+        priority: 5,
+        ..OrderSpec::units(400, 400)
+    }
+    .generated(&db.store)
+    .await;
+    let next = db
+        .store
+        .claim_tasks(Uuid::new_v4(), 1, &kinds, lease)
+        .await
+        .unwrap();
     assert_eq!(next[0].order_id, urgent, "priority wins over fairness");
 }
 
@@ -358,10 +617,14 @@ async fn a_small_order_behind_a_giant_starts_within_seconds() {
     s.worker.batch_size_max = 8;
     let pod = Pod::start(&db.url, s, handlers_for("test", rec.clone())).await;
     let store = db.store.clone();
-    wait_until(Duration::from_secs(10), "the giant is being worked on", || {
-        let store = store.clone();
-        async move { store.executing_count(None).await.unwrap() == 8 }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the giant is being worked on",
+        || {
+            let store = store.clone();
+            async move { store.executing_count(None).await.unwrap() == 8 }
+        },
+    )
     .await;
     let small = OrderSpec::units(10, 10).create(&db.store).await;
     wait_until(Duration::from_secs(10), "the small order completed", || {
@@ -378,9 +641,19 @@ async fn a_small_order_behind_a_giant_starts_within_seconds() {
     .await
     .unwrap();
     pod.stop().await;
-    assert!(waited < 3.0, "the small order waited {waited:.2} s behind the giant");
-    let giant_left = scalar_i64(&db.store, "SELECT count(*) FROM order_tasks WHERE status IN ('PENDING', 'FAILED_RETRYING')").await;
-    assert!(giant_left > 2000, "the giant was still far from drained ({giant_left} left)");
+    assert!(
+        waited < 3.0,
+        "the small order waited {waited:.2} s behind the giant"
+    );
+    let giant_left = scalar_i64(
+        &db.store,
+        "SELECT count(*) FROM order_tasks WHERE status IN ('PENDING', 'FAILED_RETRYING')",
+    )
+    .await;
+    assert!(
+        giant_left > 2000,
+        "the giant was still far from drained ({giant_left} left)"
+    );
     let _ = giant;
 }
 
@@ -390,9 +663,15 @@ async fn the_claim_uses_its_partial_index_over_a_million_finished_tasks() {
     // A million finished tasks (what a busy month leaves behind), plus a few claimable ones.
     OrderSpec::units(1_000_000, 1).create(&db.store).await;
     db.store.generate_tasks(1, "test").await.unwrap();
-    sqlx::query("UPDATE order_tasks SET status = 'COMPLETED', delivered = quantity, attempts = 1").execute(db.pool()).await.unwrap();
+    sqlx::query("UPDATE order_tasks SET status = 'COMPLETED', delivered = quantity, attempts = 1")
+        .execute(db.pool())
+        .await
+        .unwrap();
     OrderSpec::units(100, 1).generated(&db.store).await;
-    sqlx::query("VACUUM ANALYZE order_tasks").execute(db.pool()).await.unwrap();
+    sqlx::query("VACUUM ANALYZE order_tasks")
+        .execute(db.pool())
+        .await
+        .unwrap();
     let plan: Vec<String> = sqlx::query_scalar(
         "EXPLAIN SELECT t.id FROM order_tasks t \
          WHERE t.status IN ('PENDING', 'FAILED_RETRYING') AND t.retry_after <= now() AND t.kind = ANY('{test}') \
@@ -402,14 +681,32 @@ async fn the_claim_uses_its_partial_index_over_a_million_finished_tasks() {
     .await
     .unwrap();
     let plan = plan.join("\n");
-    assert!(plan.contains("Index Scan using order_tasks_claim_idx"), "{plan}");
-    assert!(!plan.contains("Sort"), "the index order is the claim order: {plan}");
+    assert!(
+        plan.contains("Index Scan using order_tasks_claim_idx"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("Sort"),
+        "the index order is the claim order: {plan}"
+    );
     assert!(!plan.contains("Seq Scan"), "{plan}");
     // And the real claim statement returns promptly.
     let t = std::time::Instant::now();
-    let got = db.store.claim_tasks(Uuid::new_v4(), 100, &["test".into()], Duration::from_secs(5)).await.unwrap();
+    let got = db
+        .store
+        .claim_tasks(
+            Uuid::new_v4(),
+            100,
+            &["test".into()],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
     assert_eq!(got.len(), 100);
-    eprintln!("claim of 100 over 1,000,000 finished tasks took {:?}", t.elapsed());
+    eprintln!(
+        "claim of 100 over 1,000,000 finished tasks took {:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -419,17 +716,36 @@ async fn in_process_worker_reports_its_counters() {
     let rec = Recorder::new(Duration::ZERO);
     let stats = Arc::new(Stats::default());
     let (trigger, shutdown) = tally::shutdown::channel();
-    let w = Worker::new(db.store.clone(), WorkerConfig { poll_interval: Duration::from_millis(50), ..Default::default() }, handlers_for("test", rec), Uuid::new_v4(), stats.clone());
+    let w = Worker::new(
+        db.store.clone(),
+        WorkerConfig {
+            poll_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+        handlers_for("test", rec),
+        Uuid::new_v4(),
+        stats.clone(),
+    );
     let h = tokio::spawn(w.run(shutdown));
     let store = db.store.clone();
     wait_until(Duration::from_secs(10), "order done", || {
         let store = store.clone();
-        async move { scalar_i64(&store, "SELECT count(*) FROM orders WHERE status = 'COMPLETED'").await == 1 }
+        async move {
+            scalar_i64(
+                &store,
+                "SELECT count(*) FROM orders WHERE status = 'COMPLETED'",
+            )
+            .await
+                == 1
+        }
     })
     .await;
     trigger.fire();
     let report = h.await.unwrap();
     assert_eq!(report.claimed, 2);
     let c = stats.counters();
-    assert_eq!((c.processed, c.completed, c.failed, c.retries), (2, 2, 0, 0));
+    assert_eq!(
+        (c.processed, c.completed, c.failed, c.retries),
+        (2, 2, 0, 0)
+    );
 }

@@ -16,12 +16,30 @@ use tally::sweeper::{Sweeper, SweeperConfig};
 use uuid::Uuid;
 
 fn sweeper(store: &tally::store::Store, name: &str) -> Sweeper {
-    Sweeper::new(store.clone(), SweeperConfig::default(), name.into(), Default::default())
+    Sweeper::new(
+        store.clone(),
+        SweeperConfig::default(),
+        name.into(),
+        Default::default(),
+    )
 }
 
 fn completion(t: &tally::store::ClaimedTask) -> TaskUpdate {
-    let tr = decide(&t.snapshot(), &TaskEvent::Delivered { units: t.quantity as u32 }, &Backoff::DEFAULT, 0.0).unwrap();
-    TaskUpdate { task_id: t.id, claim_token: t.claim_token, transition: tr, error: None }
+    let tr = decide(
+        &t.snapshot(),
+        &TaskEvent::Delivered {
+            units: t.quantity as u32,
+        },
+        &Backoff::DEFAULT,
+        0.0,
+    )
+    .unwrap();
+    TaskUpdate {
+        task_id: t.id,
+        claim_token: t.claim_token,
+        transition: tr,
+        error: None,
+    }
 }
 
 async fn expire_leases(store: &tally::store::Store) {
@@ -37,10 +55,26 @@ async fn a_zombie_worker_cannot_complete_a_rescued_task() {
     let id = OrderSpec::units(100, 100).generated(&db.store).await;
     let kinds = vec!["test".to_string()];
     let zombie_id = Uuid::new_v4();
-    let zombie = db.store.claim_tasks(zombie_id, 1, &kinds, Duration::from_secs(30)).await.unwrap().remove(0);
+    let zombie = db
+        .store
+        .claim_tasks(zombie_id, 1, &kinds, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     let hb = |held: Vec<Uuid>| {
         let store = db.store.clone();
-        async move { store.heartbeat(zombie_id, Duration::from_secs(30), Default::default(), &held).await.unwrap().1 }
+        async move {
+            store
+                .heartbeat(
+                    zombie_id,
+                    Duration::from_secs(30),
+                    Default::default(),
+                    &held,
+                )
+                .await
+                .unwrap()
+                .1
+        }
     };
     // A heartbeat renews only the claims the worker knows it holds (a claim whose response
     // was lost is left to expire and be rescued).
@@ -50,20 +84,43 @@ async fn a_zombie_worker_cannot_complete_a_rescued_task() {
     assert_eq!(sweeper(&db.store, "s").rescue_once().await.unwrap(), 1);
     // The zombie's heartbeat cannot revive the lost claim.
     assert_eq!(hb(vec![zombie.claim_token]).await, 0);
-    let fresh = db.store.claim_tasks(Uuid::new_v4(), 1, &kinds, Duration::from_secs(30)).await.unwrap().remove(0);
+    let fresh = db
+        .store
+        .claim_tasks(Uuid::new_v4(), 1, &kinds, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!((fresh.id, fresh.attempts), (zombie.id, 2));
     // The zombie wakes up and reports success: fenced, nothing written.
-    let applied = db.store.apply_task_updates(&[completion(&zombie)], UpdateFence::Claim, "zombie").await.unwrap();
-    assert!(applied.task_ids.is_empty(), "a stale claim must write nothing");
+    let applied = db
+        .store
+        .apply_task_updates(&[completion(&zombie)], UpdateFence::Claim, "zombie")
+        .await
+        .unwrap();
+    assert!(
+        applied.task_ids.is_empty(),
+        "a stale claim must write nothing"
+    );
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!((o.delivered, o.status.as_str()), (0, "PROCESSING"));
     // The current holder completes it, once.
-    let applied = db.store.apply_task_updates(&[completion(&fresh)], UpdateFence::Claim, "fresh").await.unwrap();
+    let applied = db
+        .store
+        .apply_task_updates(&[completion(&fresh)], UpdateFence::Claim, "fresh")
+        .await
+        .unwrap();
     assert_eq!(applied.task_ids, vec![fresh.id]);
     assert_eq!(applied.completed_orders, vec![id]);
     // Replaying either write again changes nothing.
     for t in [&zombie, &fresh] {
-        assert!(db.store.apply_task_updates(&[completion(t)], UpdateFence::Claim, "again").await.unwrap().task_ids.is_empty());
+        assert!(
+            db.store
+                .apply_task_updates(&[completion(t)], UpdateFence::Claim, "again")
+                .await
+                .unwrap()
+                .task_ids
+                .is_empty()
+        );
     }
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!((o.delivered, o.status.as_str()), (100, "COMPLETED"));
@@ -74,31 +131,61 @@ async fn a_zombie_worker_cannot_complete_a_rescued_task() {
 async fn a_stale_rescue_never_resurrects_a_completed_task() {
     let db = TestDb::new().await;
     let id = OrderSpec::units(100, 100).generated(&db.store).await;
-    let t = db.store.claim_tasks(Uuid::new_v4(), 1, &["test".into()], Duration::from_secs(30)).await.unwrap().remove(0);
+    let t = db
+        .store
+        .claim_tasks(Uuid::new_v4(), 1, &["test".into()], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     expire_leases(&db.store).await;
     // The sweeper reads the orphan …
     let stale = db.store.expired_tasks(10).await.unwrap();
     assert_eq!(stale.len(), 1);
     // … the slow worker completes it in between (its claim token still matches) …
-    assert_eq!(db.store.apply_task_updates(&[completion(&t)], UpdateFence::Claim, "w").await.unwrap().task_ids.len(), 1);
+    assert_eq!(
+        db.store
+            .apply_task_updates(&[completion(&t)], UpdateFence::Claim, "w")
+            .await
+            .unwrap()
+            .task_ids
+            .len(),
+        1
+    );
     // … and the sweeper's write, re-checking its own conditions, changes nothing.
     let rescue: Vec<TaskUpdate> = stale
         .iter()
         .map(|e| TaskUpdate {
             task_id: e.id,
             claim_token: e.claim_token,
-            transition: decide(&e.snapshot(), &TaskEvent::LeaseExpired, &Backoff::DEFAULT, 0.0).unwrap(),
+            transition: decide(
+                &e.snapshot(),
+                &TaskEvent::LeaseExpired,
+                &Backoff::DEFAULT,
+                0.0,
+            )
+            .unwrap(),
             error: None,
         })
         .collect();
-    let applied = db.store.apply_task_updates(&rescue, UpdateFence::ExpiredLease, "sweeper").await.unwrap();
+    let applied = db
+        .store
+        .apply_task_updates(&rescue, UpdateFence::ExpiredLease, "sweeper")
+        .await
+        .unwrap();
     assert!(applied.task_ids.is_empty());
-    let status: String = sqlx::query_scalar("SELECT status FROM order_tasks WHERE id = $1").bind(t.id).fetch_one(db.pool()).await.unwrap();
+    let status: String = sqlx::query_scalar("SELECT status FROM order_tasks WHERE id = $1")
+        .bind(t.id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
     assert_eq!(status, "COMPLETED");
     assert_eq!(order_status(&db.store, id).await, "COMPLETED");
     // A live lease is not rescued either.
     OrderSpec::units(10, 10).generated(&db.store).await;
-    db.store.claim_tasks(Uuid::new_v4(), 1, &["test".into()], Duration::from_secs(30)).await.unwrap();
+    db.store
+        .claim_tasks(Uuid::new_v4(), 1, &["test".into()], Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(sweeper(&db.store, "s").rescue_once().await.unwrap(), 0);
     assert!(audit_all(&db.store).await.is_empty());
 }
@@ -107,10 +194,23 @@ async fn a_stale_rescue_never_resurrects_a_completed_task() {
 async fn two_sweepers_at_once_recover_each_orphan_exactly_once() {
     let db = TestDb::new().await;
     OrderSpec::units(2000, 10).generated(&db.store).await;
-    let claimed = db.store.claim_tasks(Uuid::new_v4(), 150, &["test".into()], Duration::from_secs(30)).await.unwrap();
+    let claimed = db
+        .store
+        .claim_tasks(
+            Uuid::new_v4(),
+            150,
+            &["test".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 150);
     expire_leases(&db.store).await;
-    let stores = [db.another_store().await, db.another_store().await, db.another_store().await];
+    let stores = [
+        db.another_store().await,
+        db.another_store().await,
+        db.another_store().await,
+    ];
     let mut runs = Vec::new();
     for (i, s) in stores.iter().enumerate() {
         let sw = sweeper(s, &format!("sweeper-{i}"));
@@ -130,7 +230,14 @@ async fn two_sweepers_at_once_recover_each_orphan_exactly_once() {
     }
     assert_eq!(total, 150, "each orphan recovered by exactly one sweeper");
     assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'orphan_recovered'").await, 150);
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_tasks WHERE status = 'FAILED_RETRYING' AND attempts = 1").await, 150);
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM order_tasks WHERE status = 'FAILED_RETRYING' AND attempts = 1"
+        )
+        .await,
+        150
+    );
     assert!(audit_all(&db.store).await.is_empty());
 }
 
@@ -139,8 +246,18 @@ async fn one_leader_at_a_time_and_takeover_after_expiry() {
     let db = TestDb::new().await;
     let ttl = Duration::from_millis(800);
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut la = Leadership::new(Box::new(PgElector::new(db.store.clone(), "sweeper", a, ttl)));
-    let mut lb = Leadership::new(Box::new(PgElector::new(db.another_store().await, "sweeper", b, ttl)));
+    let mut la = Leadership::new(Box::new(PgElector::new(
+        db.store.clone(),
+        "sweeper",
+        a,
+        ttl,
+    )));
+    let mut lb = Leadership::new(Box::new(PgElector::new(
+        db.another_store().await,
+        "sweeper",
+        b,
+        ttl,
+    )));
     let ta = la.tick().await.expect("a acquires the free lease");
     assert_eq!(lb.tick().await, None, "b cannot while a's lease is live");
     assert_eq!(la.tick().await, Some(ta), "renewal keeps the term");
@@ -154,13 +271,21 @@ async fn one_leader_at_a_time_and_takeover_after_expiry() {
     lb.release().await;
     let ta2 = la.tick().await.expect("released lease is free");
     assert!(ta2 > tb);
-    assert_eq!(db.store.lease_holder("sweeper").await.unwrap(), Some((a, ta2)));
+    assert_eq!(
+        db.store.lease_holder("sweeper").await.unwrap(),
+        Some((a, ta2))
+    );
 }
 
 #[tokio::test]
 async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing() {
     let db = TestDb::new().await;
-    let id = OrderSpec { kind: "simulate", ..OrderSpec::units(6000, 50) }.create(&db.store).await;
+    let id = OrderSpec {
+        kind: "simulate",
+        ..OrderSpec::units(6000, 50)
+    }
+    .create(&db.store)
+    .await;
     let env = [
         ("TALLY_LEASE_TTL_SEC", "1.5"),
         ("TALLY_LEADER_TTL_SEC", "1.5"),
@@ -176,28 +301,60 @@ async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing() {
     let mut sweeper = spawn_tally(&db.url, &["serve", "--roles", "generator,sweeper"], &env);
     let victim_pid = victim.id().unwrap() as i32;
     let store = db.store.clone();
-    wait_until(Duration::from_secs(20), "the victim holds tasks mid-batch", || {
-        let store = store.clone();
-        async move { store.executing_by_pid().await.unwrap().iter().any(|(pid, n)| *pid == victim_pid && *n >= 4) }
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the victim holds tasks mid-batch",
+        || {
+            let store = store.clone();
+            async move {
+                store
+                    .executing_by_pid()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|(pid, n)| *pid == victim_pid && *n >= 4)
+            }
+        },
+    )
     .await;
     victim.start_kill().unwrap(); // SIGKILL
     victim.wait().await.unwrap();
-    wait_until(Duration::from_secs(60), "the order completes without the victim", || {
-        let store = store.clone();
-        async move { order_status(&store, id).await == "COMPLETED" }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the order completes without the victim",
+        || {
+            let store = store.clone();
+            async move { order_status(&store, id).await == "COMPLETED" }
+        },
+    )
     .await;
-    let recovered = scalar_i64(&db.store, "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'orphan_recovered'").await;
-    assert!(recovered >= 4, "the victim's tasks were rescued ({recovered})");
+    let recovered = scalar_i64(
+        &db.store,
+        "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'orphan_recovered'",
+    )
+    .await;
+    assert!(
+        recovered >= 4,
+        "the victim's tasks were rescued ({recovered})"
+    );
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!(o.delivered, 6000);
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_tasks WHERE status <> 'COMPLETED'").await, 0);
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM order_tasks WHERE status <> 'COMPLETED'"
+        )
+        .await,
+        0
+    );
     assert!(audit_all(&db.store).await.is_empty());
     // The survivors shut down cleanly on SIGTERM.
     for c in [&mut survivor, &mut sweeper] {
         signal(c, libc::SIGTERM);
-        let status = tokio::time::timeout(Duration::from_secs(20), c.wait()).await.unwrap().unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), c.wait())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(status.success(), "exit 0 on SIGTERM, got {status:?}");
     }
 }
@@ -205,7 +362,12 @@ async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing() {
 #[tokio::test]
 async fn sigterm_hands_back_in_flight_tasks_and_exits_zero() {
     let db = TestDb::new().await;
-    let id = OrderSpec { kind: "simulate", ..OrderSpec::units(20, 1) }.generated(&db.store).await;
+    let id = OrderSpec {
+        kind: "simulate",
+        ..OrderSpec::units(20, 1)
+    }
+    .generated(&db.store)
+    .await;
     let mut w = spawn_tally(
         &db.url,
         &["serve", "--roles", "worker"],
@@ -223,21 +385,38 @@ async fn sigterm_hands_back_in_flight_tasks_and_exits_zero() {
     })
     .await;
     signal(&w, libc::SIGTERM);
-    let status = tokio::time::timeout(Duration::from_secs(20), w.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "{status:?}");
-    let rows: Vec<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM order_tasks WHERE order_id = $1")
-        .bind(id)
-        .fetch_all(db.pool())
+    let status = tokio::time::timeout(Duration::from_secs(20), w.wait())
         .await
+        .unwrap()
         .unwrap();
-    assert!(rows.iter().all(|(s, a)| s == "PENDING" && *a == 0), "{rows:?}");
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM workers WHERE stopped_at IS NULL").await, 0);
+    assert!(status.success(), "{status:?}");
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("SELECT status, attempts FROM order_tasks WHERE order_id = $1")
+            .bind(id)
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert!(
+        rows.iter().all(|(s, a)| s == "PENDING" && *a == 0),
+        "{rows:?}"
+    );
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM workers WHERE stopped_at IS NULL"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test]
 async fn workers_ride_out_a_postgres_restart_without_restarting() {
     // A private cluster: this test stops it with -m immediate mid-run.
-    let cluster = tokio::task::spawn_blocking(|| TempCluster::start(ClusterOptions::default())).await.unwrap().unwrap();
+    let cluster = tokio::task::spawn_blocking(|| TempCluster::start(ClusterOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
     let db = TestDb::on_server(&cluster.url("postgres")).await;
     let id = OrderSpec::units(3000, 10).generated(&db.store).await;
     let rec = Recorder::new(Duration::from_millis(20));
@@ -254,10 +433,16 @@ async fn workers_ride_out_a_postgres_restart_without_restarting() {
     .await;
     let cluster = std::sync::Arc::new(cluster);
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.stop("immediate")).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || c.stop("immediate"))
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.restart_after_stop()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || c.restart_after_stop())
+        .await
+        .unwrap()
+        .unwrap();
     wait_until(Duration::from_secs(90), "the order completes after the restart", || {
         let store = store.clone();
         async move { matches!(store.get_order(id).await, Ok(Some(o)) if o.status == "COMPLETED") }
@@ -267,11 +452,20 @@ async fn workers_ride_out_a_postgres_restart_without_restarting() {
     pod_b.stop().await;
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!(o.delivered, 3000);
-    assert_eq!(scalar_i64(&db.store, "SELECT count(*) FROM order_tasks WHERE status <> 'COMPLETED'").await, 0);
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM order_tasks WHERE status <> 'COMPLETED'"
+        )
+        .await,
+        0
+    );
     assert!(audit_all(&db.store).await.is_empty());
     // A delivery may repeat (its outcome was lost with the crash), but never gets counted twice.
     let calls = rec.total_calls();
     assert!(calls >= 300, "{calls}");
     db.store.close().await;
-    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
 }

@@ -69,7 +69,11 @@ impl ChunkPlan {
 
     /// Units carried by task `seq` (0-based). Panics if `seq` is outside the plan.
     pub fn size_of(&self, seq: u32) -> u32 {
-        assert!(seq < self.task_count, "seq {seq} outside plan of {}", self.task_count);
+        assert!(
+            seq < self.task_count,
+            "seq {seq} outside plan of {}",
+            self.task_count
+        );
         if seq < self.remainder {
             self.base + 1
         } else {
@@ -126,7 +130,12 @@ mod tests {
             ChunkPlan::new(1_000_000_000, 1),
             Err(PlanError::TooManyTasks { .. })
         ));
-        assert!(ChunkPlan::new(10, 0).unwrap_err().to_string().contains("chunk_size"));
+        assert!(
+            ChunkPlan::new(10, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("chunk_size")
+        );
     }
 
     proptest! {

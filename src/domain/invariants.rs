@@ -47,10 +47,19 @@ pub struct TaskTotals {
 #[serde(tag = "invariant", rename_all = "snake_case")]
 pub enum Violation {
     /// The generated tasks do not add up to the order.
-    TaskQuantity { expected: i64, tasks_sum: i64 },
-    TaskCount { planned: i64, generated: i64 },
+    TaskQuantity {
+        expected: i64,
+        tasks_sum: i64,
+    },
+    TaskCount {
+        planned: i64,
+        generated: i64,
+    },
     /// delivered + failed + cancelled + outstanding differs from quantity.
-    Conservation { quantity: i64, accounted: i64 },
+    Conservation {
+        quantity: i64,
+        accounted: i64,
+    },
     /// The order's live counters disagree with its tasks.
     Accounting {
         counter: &'static str,
@@ -58,11 +67,16 @@ pub enum Violation {
         tasks: i64,
     },
     /// COMPLETED without every unit delivered, or with open tasks.
-    CompletedShort { delivered: i64, open_tasks: i64 },
+    CompletedShort {
+        delivered: i64,
+        open_tasks: i64,
+    },
     /// Every unit is delivered but the order was not finalised.
     NotFinalised,
     /// An order not yet generated already has tasks.
-    TasksBeforeGeneration { tasks: i64 },
+    TasksBeforeGeneration {
+        tasks: i64,
+    },
 }
 
 impl OrderLedger {
@@ -167,8 +181,15 @@ mod tests {
         let mut l = sound();
         l.delivered += 1;
         let v = l.check();
-        assert!(v.contains(&Violation::Accounting { counter: "delivered", order: 601, tasks: 600 }));
-        assert!(v.contains(&Violation::Conservation { quantity: 1000, accounted: 1001 }));
+        assert!(v.contains(&Violation::Accounting {
+            counter: "delivered",
+            order: 601,
+            tasks: 600
+        }));
+        assert!(v.contains(&Violation::Conservation {
+            quantity: 1000,
+            accounted: 1001
+        }));
     }
 
     #[test]
@@ -179,20 +200,36 @@ mod tests {
         l.tasks.outstanding = 0;
         l.tasks.open = 0;
         let v = l.check();
-        assert!(v.iter().any(|x| matches!(x, Violation::TaskQuantity { .. })));
+        assert!(
+            v.iter()
+                .any(|x| matches!(x, Violation::TaskQuantity { .. }))
+        );
         assert!(v.iter().any(|x| matches!(x, Violation::TaskCount { .. })));
-        assert!(v.iter().any(|x| matches!(x, Violation::Conservation { .. })));
+        assert!(
+            v.iter()
+                .any(|x| matches!(x, Violation::Conservation { .. }))
+        );
     }
 
     #[test]
     fn completed_must_be_whole_and_whole_must_be_completed() {
         let mut l = sound();
         l.status = OrderStatus::Completed;
-        assert!(l.check().iter().any(|x| matches!(x, Violation::CompletedShort { .. })));
+        assert!(
+            l.check()
+                .iter()
+                .any(|x| matches!(x, Violation::CompletedShort { .. }))
+        );
         let mut l = sound();
         l.delivered = 1000;
         l.failed = 0;
-        l.tasks = TaskTotals { delivered: 1000, failed: 0, outstanding: 0, open: 0, ..l.tasks };
+        l.tasks = TaskTotals {
+            delivered: 1000,
+            failed: 0,
+            outstanding: 0,
+            open: 0,
+            ..l.tasks
+        };
         assert_eq!(l.check(), vec![Violation::NotFinalised]);
         l.status = OrderStatus::Completed;
         assert!(l.check().is_empty());
@@ -202,7 +239,10 @@ mod tests {
     fn pending_orders_have_no_tasks() {
         let mut l = sound();
         l.status = OrderStatus::Pending;
-        assert_eq!(l.check(), vec![Violation::TasksBeforeGeneration { tasks: 3 }]);
+        assert_eq!(
+            l.check(),
+            vec![Violation::TasksBeforeGeneration { tasks: 3 }]
+        );
         l.tasks = TaskTotals::default();
         assert!(l.check().is_empty());
     }

@@ -111,8 +111,14 @@ mod tests {
     #[test]
     fn invalid_policies_name_the_parameter() {
         let s = Duration::from_secs(1);
-        assert_eq!(Backoff::new(Duration::ZERO, 2.0, s, 0.1), Err(BackoffError::Base));
-        assert!(matches!(Backoff::new(s, 0.5, s * 10, 0.1), Err(BackoffError::Multiplier(_))));
+        assert_eq!(
+            Backoff::new(Duration::ZERO, 2.0, s, 0.1),
+            Err(BackoffError::Base)
+        );
+        assert!(matches!(
+            Backoff::new(s, 0.5, s * 10, 0.1),
+            Err(BackoffError::Multiplier(_))
+        ));
         let err = Backoff::new(s, 2.0, s * 10, 0.9).unwrap_err();
         assert!(err.to_string().contains("jitter"));
     }

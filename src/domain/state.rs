@@ -237,26 +237,27 @@ pub fn decide(
     let remaining = task.remaining();
     let exhausted = task.attempts >= task.max_attempts;
     // A failed attempt: retry later, or dead-letter what is still outstanding.
-    let retry_or_dead = |t: Transition, delivered_now: u32, class: Option<ErrorClass>, delay: Duration| {
-        if exhausted || class == Some(ErrorClass::ValidationError) {
-            Transition {
-                to: FailedPermanent,
-                failed_units_delta: i64::from(remaining - delivered_now),
-                retry_at: RetryAt::Unchanged,
-                reason: "dead_lettered",
-                error_class: class,
-                ..t
+    let retry_or_dead =
+        |t: Transition, delivered_now: u32, class: Option<ErrorClass>, delay: Duration| {
+            if exhausted || class == Some(ErrorClass::ValidationError) {
+                Transition {
+                    to: FailedPermanent,
+                    failed_units_delta: i64::from(remaining - delivered_now),
+                    retry_at: RetryAt::Unchanged,
+                    reason: "dead_lettered",
+                    error_class: class,
+                    ..t
+                }
+            } else {
+                Transition {
+                    to: FailedRetrying,
+                    retry_at: RetryAt::After(delay),
+                    reason: "retry_scheduled",
+                    error_class: class,
+                    ..t
+                }
             }
-        } else {
-            Transition {
-                to: FailedRetrying,
-                retry_at: RetryAt::After(delay),
-                reason: "retry_scheduled",
-                error_class: class,
-                ..t
-            }
-        }
-    };
+        };
 
     match (task.status, event) {
         (Pending | FailedRetrying, TaskEvent::Claimed) => {
@@ -478,7 +479,10 @@ mod tests {
             TaskEvent::Replayed,
         ];
         for class in ErrorClass::ALL {
-            v.push(TaskEvent::Failed { class, retry_in: None });
+            v.push(TaskEvent::Failed {
+                class,
+                retry_in: None,
+            });
             v.push(TaskEvent::Failed {
                 class,
                 retry_in: Some(Duration::from_secs(7)),
@@ -517,21 +521,38 @@ mod tests {
                     let s = snap(status, attempts);
                     match decide(&s, &event, &Backoff::DEFAULT, 0.5) {
                         Ok(t) => {
-                            assert!(allowed.contains(&(t.from, t.to)), "{status} --{event:?}--> {}", t.to);
+                            assert!(
+                                allowed.contains(&(t.from, t.to)),
+                                "{status} --{event:?}--> {}",
+                                t.to
+                            );
                             seen.insert((t.from, t.to));
                             assert!(t.attempts <= s.max_attempts);
                             // Units: delivered + failed + cancelled + outstanding is unchanged.
-                            let before_out = if status.is_open() { i64::from(s.remaining()) } else { 0 };
+                            let before_out = if status.is_open() {
+                                i64::from(s.remaining())
+                            } else {
+                                0
+                            };
                             let after_out = if t.to.is_open() {
                                 i64::from(s.remaining() - t.delivered_delta)
                             } else {
                                 0
                             };
-                            let before_failed = if status == TaskStatus::FailedPermanent { i64::from(s.remaining()) } else { 0 };
+                            let before_failed = if status == TaskStatus::FailedPermanent {
+                                i64::from(s.remaining())
+                            } else {
+                                0
+                            };
                             assert_eq!(
                                 before_out + before_failed,
-                                after_out + i64::from(t.delivered_delta) + before_failed + t.failed_units_delta + t.cancelled_units_delta,
-                                "{status} --{event:?}--> {}", t.to
+                                after_out
+                                    + i64::from(t.delivered_delta)
+                                    + before_failed
+                                    + t.failed_units_delta
+                                    + t.cancelled_units_delta,
+                                "{status} --{event:?}--> {}",
+                                t.to
                             );
                         }
                         Err(e) => assert_eq!(e.from, status.as_str()),
@@ -539,15 +560,26 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen.len(), allowed.len(), "every documented edge is reachable");
+        assert_eq!(
+            seen.len(),
+            allowed.len(),
+            "every documented edge is reachable"
+        );
     }
 
     #[test]
     fn final_states_accept_nothing_but_replay() {
-        for status in [TaskStatus::Completed, TaskStatus::Cancelled, TaskStatus::FailedPermanent] {
+        for status in [
+            TaskStatus::Completed,
+            TaskStatus::Cancelled,
+            TaskStatus::FailedPermanent,
+        ] {
             for event in events() {
                 let r = decide(&snap(status, 2), &event, &Backoff::DEFAULT, 0.0);
-                assert_eq!(r.is_ok(), status == TaskStatus::FailedPermanent && event == TaskEvent::Replayed);
+                assert_eq!(
+                    r.is_ok(),
+                    status == TaskStatus::FailedPermanent && event == TaskEvent::Replayed
+                );
             }
         }
     }
@@ -556,38 +588,88 @@ mod tests {
     fn claim_counts_an_attempt_and_refuses_exhausted_tasks() {
         let t = go(snap(TaskStatus::Pending, 0), TaskEvent::Claimed);
         assert_eq!((t.to, t.attempts), (TaskStatus::Executing, 1));
-        assert!(decide(&snap(TaskStatus::FailedRetrying, 3), &TaskEvent::Claimed, &Backoff::DEFAULT, 0.0).is_err());
+        assert!(
+            decide(
+                &snap(TaskStatus::FailedRetrying, 3),
+                &TaskEvent::Claimed,
+                &Backoff::DEFAULT,
+                0.0
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn transient_failure_backs_off_then_dead_letters() {
-        let t = go(snap(TaskStatus::Executing, 1), TaskEvent::Failed { class: ErrorClass::NetworkError, retry_in: None });
+        let t = go(
+            snap(TaskStatus::Executing, 1),
+            TaskEvent::Failed {
+                class: ErrorClass::NetworkError,
+                retry_in: None,
+            },
+        );
         assert_eq!(t.to, TaskStatus::FailedRetrying);
         assert_eq!(t.retry_at, RetryAt::After(Duration::from_secs(5)));
-        let t = go(snap(TaskStatus::Executing, 2), TaskEvent::Failed { class: ErrorClass::TimeoutError, retry_in: None });
+        let t = go(
+            snap(TaskStatus::Executing, 2),
+            TaskEvent::Failed {
+                class: ErrorClass::TimeoutError,
+                retry_in: None,
+            },
+        );
         assert_eq!(t.retry_at, RetryAt::After(Duration::from_secs(10)));
-        let t = go(snap(TaskStatus::Executing, 3), TaskEvent::Failed { class: ErrorClass::NetworkError, retry_in: None });
-        assert_eq!((t.to, t.failed_units_delta, t.reason), (TaskStatus::FailedPermanent, 400, "dead_lettered"));
+        let t = go(
+            snap(TaskStatus::Executing, 3),
+            TaskEvent::Failed {
+                class: ErrorClass::NetworkError,
+                retry_in: None,
+            },
+        );
+        assert_eq!(
+            (t.to, t.failed_units_delta, t.reason),
+            (TaskStatus::FailedPermanent, 400, "dead_lettered")
+        );
     }
 
     #[test]
     fn validation_error_is_permanent_at_once() {
-        let t = go(snap(TaskStatus::Executing, 1), TaskEvent::Failed { class: ErrorClass::ValidationError, retry_in: None });
+        let t = go(
+            snap(TaskStatus::Executing, 1),
+            TaskEvent::Failed {
+                class: ErrorClass::ValidationError,
+                retry_in: None,
+            },
+        );
         assert_eq!(t.to, TaskStatus::FailedPermanent);
         assert_eq!(t.error_class, Some(ErrorClass::ValidationError));
     }
 
     #[test]
     fn rate_limited_honours_retry_after() {
-        let t = go(snap(TaskStatus::Executing, 1), TaskEvent::Failed { class: ErrorClass::RateLimited, retry_in: Some(Duration::from_secs(42)) });
+        let t = go(
+            snap(TaskStatus::Executing, 1),
+            TaskEvent::Failed {
+                class: ErrorClass::RateLimited,
+                retry_in: Some(Duration::from_secs(42)),
+            },
+        );
         assert_eq!(t.retry_at, RetryAt::After(Duration::from_secs(42)));
     }
 
     #[test]
     fn hand_back_and_database_errors_refund_the_attempt() {
-        for e in [TaskEvent::HandedBack, TaskEvent::Failed { class: ErrorClass::DatabaseError, retry_in: None }] {
+        for e in [
+            TaskEvent::HandedBack,
+            TaskEvent::Failed {
+                class: ErrorClass::DatabaseError,
+                retry_in: None,
+            },
+        ] {
             let t = go(snap(TaskStatus::Executing, 1), e.clone());
-            assert_eq!((t.to, t.attempts, t.retry_at), (TaskStatus::Pending, 0, RetryAt::Now));
+            assert_eq!(
+                (t.to, t.attempts, t.retry_at),
+                (TaskStatus::Pending, 0, RetryAt::Now)
+            );
             let t = go(snap(TaskStatus::Executing, 3), e);
             assert_eq!((t.to, t.attempts), (TaskStatus::FailedRetrying, 2));
         }
@@ -596,18 +678,36 @@ mod tests {
     #[test]
     fn orphan_retries_at_once_until_attempts_run_out() {
         let t = go(snap(TaskStatus::Executing, 1), TaskEvent::LeaseExpired);
-        assert_eq!((t.to, t.retry_at, t.reason), (TaskStatus::FailedRetrying, RetryAt::Now, "orphan_recovered"));
+        assert_eq!(
+            (t.to, t.retry_at, t.reason),
+            (TaskStatus::FailedRetrying, RetryAt::Now, "orphan_recovered")
+        );
         let t = go(snap(TaskStatus::Executing, 3), TaskEvent::LeaseExpired);
-        assert_eq!((t.to, t.reason), (TaskStatus::FailedPermanent, "orphan_recovered"));
+        assert_eq!(
+            (t.to, t.reason),
+            (TaskStatus::FailedPermanent, "orphan_recovered")
+        );
     }
 
     #[test]
     fn partial_delivery_records_units_and_requeues_the_rest() {
-        let t = go(snap(TaskStatus::Executing, 1), TaskEvent::Delivered { units: 150 });
-        assert_eq!((t.to, t.delivered_delta, t.reason), (TaskStatus::FailedRetrying, 150, "partial_delivery"));
-        let s = TaskSnapshot { delivered: 150, ..snap(TaskStatus::Executing, 3) };
+        let t = go(
+            snap(TaskStatus::Executing, 1),
+            TaskEvent::Delivered { units: 150 },
+        );
+        assert_eq!(
+            (t.to, t.delivered_delta, t.reason),
+            (TaskStatus::FailedRetrying, 150, "partial_delivery")
+        );
+        let s = TaskSnapshot {
+            delivered: 150,
+            ..snap(TaskStatus::Executing, 3)
+        };
         let t = go(s, TaskEvent::Delivered { units: 50 });
-        assert_eq!((t.to, t.delivered_delta, t.failed_units_delta), (TaskStatus::FailedPermanent, 50, 200));
+        assert_eq!(
+            (t.to, t.delivered_delta, t.failed_units_delta),
+            (TaskStatus::FailedPermanent, 50, 200)
+        );
         // Over-delivery is clamped: units cannot be counted twice.
         let t = go(s, TaskEvent::Delivered { units: 10_000 });
         assert_eq!((t.to, t.delivered_delta), (TaskStatus::Completed, 250));
@@ -615,15 +715,32 @@ mod tests {
 
     #[test]
     fn order_completes_only_when_every_unit_is_delivered() {
-        let u = |d, f| OrderUnits { quantity: 100, delivered: d, failed: f, cancelled: 0 };
-        assert_eq!(decide_order(OrderStatus::Processing, OrderEvent::Progress(u(100, 0))), Ok(Some(OrderStatus::Completed)));
-        assert_eq!(decide_order(OrderStatus::Processing, OrderEvent::Progress(u(99, 1))), Ok(None));
+        let u = |d, f| OrderUnits {
+            quantity: 100,
+            delivered: d,
+            failed: f,
+            cancelled: 0,
+        };
+        assert_eq!(
+            decide_order(OrderStatus::Processing, OrderEvent::Progress(u(100, 0))),
+            Ok(Some(OrderStatus::Completed))
+        );
+        assert_eq!(
+            decide_order(OrderStatus::Processing, OrderEvent::Progress(u(99, 1))),
+            Ok(None)
+        );
         assert!(needs_attention(OrderStatus::Processing, u(99, 1)));
         assert!(!needs_attention(OrderStatus::Processing, u(98, 1)));
-        assert_eq!(decide_order(OrderStatus::Pending, OrderEvent::Generated), Ok(Some(OrderStatus::Processing)));
+        assert_eq!(
+            decide_order(OrderStatus::Pending, OrderEvent::Generated),
+            Ok(Some(OrderStatus::Processing))
+        );
         assert!(decide_order(OrderStatus::Completed, OrderEvent::Cancel).is_err());
         assert!(decide_order(OrderStatus::Processing, OrderEvent::Generated).is_err());
-        assert_eq!(decide_order(OrderStatus::Processing, OrderEvent::AcceptPartial), Ok(Some(OrderStatus::Partial)));
+        assert_eq!(
+            decide_order(OrderStatus::Processing, OrderEvent::AcceptPartial),
+            Ok(Some(OrderStatus::Partial))
+        );
     }
 
     #[test]

@@ -43,7 +43,9 @@ pub struct Simulate {
 
 impl Simulate {
     pub fn new(config: SimulateConfig) -> Self {
-        let rng = config.seed.map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
+        let rng = config
+            .seed
+            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
         Self {
             config,
             rng: Mutex::new(rng),
@@ -60,7 +62,8 @@ impl Simulate {
             // Box-Muller: a standard normal from two uniforms; capped at 20x the median.
             let (u1, u2) = (rng.f64().max(f64::MIN_POSITIVE), rng.f64());
             let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            c.latency_median.mul_f64((c.latency_sigma * z).exp().min(20.0))
+            c.latency_median
+                .mul_f64((c.latency_sigma * z).exp().min(20.0))
         };
         let roll = rng.f64();
         let failure = if roll < c.permanent_failure_rate {

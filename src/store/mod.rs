@@ -125,7 +125,10 @@ impl Store {
                     "idle_in_transaction_session_timeout",
                     format!("{}ms", (opts.statement_timeout * 2).as_millis()),
                 ),
-                ("lock_timeout", format!("{}ms", opts.statement_timeout.as_millis())),
+                (
+                    "lock_timeout",
+                    format!("{}ms", opts.statement_timeout.as_millis()),
+                ),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.pool_size_max)
@@ -170,17 +173,23 @@ impl Store {
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.call("pinging the database", async {
-            sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
         })
         .await
     }
 
     /// Applies pending migrations. Concurrent callers are serialised by sqlx's advisory lock.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Invalid {
-            op: "applying migrations",
-            message: e.to_string(),
-        })
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Invalid {
+                op: "applying migrations",
+                message: e.to_string(),
+            })
     }
 
     /// Whether every embedded migration has been applied (readiness, and roles waiting for
@@ -212,7 +221,9 @@ impl Store {
     /// Database time, for reports.
     pub async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
         self.call("reading the database clock", async {
-            sqlx::query_scalar("SELECT now()").fetch_one(&self.pool).await
+            sqlx::query_scalar("SELECT now()")
+                .fetch_one(&self.pool)
+                .await
         })
         .await
     }

@@ -215,7 +215,10 @@ impl Store {
     ) -> Result<Vec<(Uuid, OrderLedger)>, StoreError> {
         let rows: Vec<LedgerRow> = self
             .call("reading order ledgers", async {
-                sqlx::query_as(LEDGER).bind(ids).fetch_all(self.pool()).await
+                sqlx::query_as(LEDGER)
+                    .bind(ids)
+                    .fetch_all(self.pool())
+                    .await
             })
             .await?;
         rows.into_iter()

@@ -94,7 +94,10 @@ async fn write(
                 let fenced = updates.len() - written.len();
                 if fenced > 0 {
                     Stats::add(&stats.fenced, fenced as i64);
-                    tracing::warn!(fenced, "claims were taken away before the outcome was written; outcomes dropped");
+                    tracing::warn!(
+                        fenced,
+                        "claims were taken away before the outcome was written; outcomes dropped"
+                    );
                 }
                 for order in &applied.completed_orders {
                     tracing::info!(order.id = %order, "order completed");
@@ -128,4 +131,3 @@ fn count(stats: &Stats, written: &[&Transition]) {
         }
     }
 }
-

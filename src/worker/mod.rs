@@ -111,11 +111,7 @@ impl Worker {
         let (hard_stop_trigger, hard_stop) = shutdown::channel();
         let (tx, rx) = mpsc::channel::<Finished>(cfg.concurrency_max as usize);
 
-        let listener = tokio::spawn(listen(
-            self.store.clone(),
-            wake.clone(),
-            shutdown.clone(),
-        ));
+        let listener = tokio::spawn(listen(self.store.clone(), wake.clone(), shutdown.clone()));
         let completer = tokio::spawn(completer::run(
             self.store.clone(),
             rx,

@@ -76,6 +76,21 @@ impl TestDb {
         Self::on_server(&admin_url()).await
     }
 
+    /// An empty database (no migrations) on the test server; returns its URL.
+    pub async fn empty() -> String {
+        let admin = admin_url();
+        let name = format!("tally_e_{}", Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("admin connection");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        url_with_db(&admin, &name)
+    }
+
     pub async fn on_server(admin: &str) -> Self {
         if let Ok(filter) = std::env::var("TALLY_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -84,7 +99,9 @@ impl TestDb {
                 .try_init();
         }
         let name = format!("tally_t_{}", Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(admin).await.expect("admin connection");
+        let mut conn = sqlx::PgConnection::connect(admin)
+            .await
+            .expect("admin connection");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await
@@ -185,14 +202,20 @@ where
         if cond().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
 /// Scalar helper for assertions.
 pub async fn scalar_i64(store: &Store, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql).fetch_one(store.pool()).await.unwrap()
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
 }
 
 pub async fn order_status(store: &Store, id: Uuid) -> String {
@@ -250,9 +273,15 @@ impl Pod {
         let store = Store::connect(&settings.store).await.unwrap();
         let (trigger, shutdown) = shutdown::channel();
         let id = Uuid::new_v4();
-        let handle = tokio::spawn(tally::app::run_roles(store, settings, handlers, id, shutdown));
+        let handle = tokio::spawn(tally::app::run_roles(
+            store, settings, handlers, id, shutdown,
+        ));
         let _ = url;
-        Pod { id, trigger, handle }
+        Pod {
+            id,
+            trigger,
+            handle,
+        }
     }
 
     /// Graceful stop: fires shutdown and waits for the roles to drain.
@@ -298,8 +327,13 @@ impl Handler for Recorder {
                 }
                 *self.calls.lock().unwrap().entry(task.task_id).or_default() += 1;
                 let mut keys = self.keys.lock().unwrap();
-                let key = keys.entry(task.task_id).or_insert_with(|| task.idempotency_key.clone());
-                assert_eq!(*key, task.idempotency_key, "idempotency key changed between attempts");
+                let key = keys
+                    .entry(task.task_id)
+                    .or_insert_with(|| task.idempotency_key.clone());
+                assert_eq!(
+                    *key, task.idempotency_key,
+                    "idempotency key changed between attempts"
+                );
             }
             struct Leave<'r>(&'r Recorder, i64);
             impl Drop for Leave<'_> {

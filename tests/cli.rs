@@ -1,0 +1,152 @@
+//! The `tally` binary as operators run it: settings validation, migrate, and the demo.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn tally() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+    c.env_remove("TALLY_DATABASE_URL").env("RUST_LOG", "warn");
+    c
+}
+
+#[test]
+fn a_bad_setting_refuses_to_start_and_names_the_variable() {
+    for (var, value) in [
+        ("TALLY_WORKER_BATCH_SIZE", "0"),
+        ("TALLY_CLAIM_TIMEOUT_SEC", "forever"),
+        ("TALLY_MAX_RETRIES", "-1"),
+        ("TALLY_ROLES", "worker,nonsense"),
+        ("TALLY_BACKOFF_JITTER", "0.8"),
+        ("TALLY_DATABASE_URL", "mysql://db/x"),
+    ] {
+        let out = tally()
+            .arg("serve")
+            .env("TALLY_DATABASE_URL", "postgres://127.0.0.1:1/none")
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} must refuse to start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let named = err.contains(var) || (var == "TALLY_ROLES" && err.contains("nonsense"));
+        assert!(named, "{var}={value}: error does not name it: {err}");
+    }
+    let out = tally().arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TALLY_DATABASE_URL"));
+}
+
+#[test]
+fn demo_without_postgres_binaries_says_what_to_install() {
+    let empty = std::env::temp_dir().join(format!("tally-no-pg-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = tally()
+        .args(["demo"])
+        .env("TALLY_PG_BINDIR", &empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("apt-get install postgresql") && err.contains("--database-url"),
+        "{err}"
+    );
+}
+
+#[test]
+fn demo_rejects_bad_flags_by_name() {
+    let out = tally().args(["demo", "--quantity", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--quantity"));
+    let out = tally()
+        .args(["demo", "--failure-rate", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--failure-rate"));
+}
+
+#[tokio::test]
+async fn serve_waits_for_migrations_instead_of_racing_them() {
+    let url = TestDb::empty().await;
+    let mut serve = spawn_tally(&url, &["serve", "--roles", "worker"], &[]);
+    let store = tally::store::Store::connect(&tally::store::StoreOptions::new(&url))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        serve.try_wait().unwrap().is_none(),
+        "serve must wait, not exit"
+    );
+    assert!(!store.migrations_current().await.unwrap());
+    let out = tally()
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Repeatable.
+    let out = tally()
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "serve registered after the migration",
+        || {
+            let store = store.clone();
+            async move { !store.live_workers().await.unwrap().is_empty() }
+        },
+    )
+    .await;
+    signal(&serve, libc::SIGTERM);
+    assert!(serve.wait().await.unwrap().success());
+}
+
+fn run_demo(extra: &[&str]) -> serde_json::Value {
+    let out = tally()
+        .args(["demo", "--json", "--latency-ms", "150"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn demo_delivers_fifteen_thousand_units_exactly() {
+    let s = run_demo(&[]);
+    assert_eq!(s["expected"], 15_000);
+    assert_eq!(s["delivered"], 15_000);
+    assert_eq!(s["tasks"], 38);
+    assert_eq!(s["status"], "COMPLETED");
+    assert_eq!(s["invariant_holds"], true);
+    assert_eq!(s["verdict"], "delivered 15000 = expected 15000");
+}
+
+#[test]
+fn demo_with_chaos_recovers_the_killed_workers_tasks() {
+    let s = run_demo(&["--chaos", "--failure-rate", "0.1"]);
+    assert_eq!(s["delivered"], 15_000);
+    assert_eq!(s["invariant_holds"], true);
+    let held = s["chaos_tasks_held"].as_i64().unwrap();
+    assert!(s["chaos_killed_pid"].is_number(), "{s}");
+    assert!(held >= 1, "{s}");
+    // Tasks that finished between the pick and the kill are not orphans; the rest are.
+    assert!(s["orphans_recovered"].as_i64().unwrap() >= 1, "{s}");
+}
