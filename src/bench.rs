@@ -31,17 +31,18 @@ pub struct BenchArgs {
     /// Use this database (it must be empty or a Tally database you can spare).
     #[arg(long)]
     pub database_url: Option<String>,
-    /// Tasks in the throughput run.
+    /// Tasks in each throughput run.
     #[arg(long, default_value_t = 200_000)]
     pub tasks: u64,
-    /// In-process workers.
-    #[arg(long, default_value_t = 4)]
-    pub workers: u32,
+    /// In-process worker counts to measure, comma-separated (each worker has its own claim
+    /// loop and completer, like a pod).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub workers: Vec<u32>,
     /// Claim batch size per worker.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     pub batch_size: u32,
     /// Concurrency per worker.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 2000)]
     pub concurrency: u32,
     /// Pickup-latency samples.
     #[arg(long, default_value_t = 50)]
@@ -80,7 +81,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     };
     let store = Store::connect(&StoreOptions {
-        pool_size_max: args.workers * 2 + 4,
+        pool_size_max: args.workers.iter().max().copied().unwrap_or(1) * 2 + 4,
         ..StoreOptions::new(&url)
     })
     .await?;
@@ -91,19 +92,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     let generator = Generator::new(store.clone(), gen_cfg.clone(), "bench".into());
 
-    // Throughput: prefill N tasks (orders of up to 10,000 single-unit tasks), then drain.
-    eprintln!("prefilling {} tasks …", args.tasks);
-    let mut left = args.tasks;
-    while left > 0 {
-        let q = left.min(10_000);
-        submit(&store, "noop", q, 1).await?;
-        left -= q;
+    if args.database_url.is_some() {
+        let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(store.pool())
+            .await?;
+        anyhow::ensure!(
+            existing == 0,
+            "--database-url: the bench empties its tables between runs, so it needs a database with no orders (found {existing})"
+        );
     }
-    while generator.run_once().await?.orders > 0 {}
-    sqlx::query("VACUUM ANALYZE order_tasks")
-        .execute(store.pool())
-        .await?;
 
+    // Throughput: each shape x worker count on a freshly prefilled queue.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handlers = Handlers::new().with("noop", Arc::new(Probe(tx)));
     let worker_cfg = WorkerConfig {
@@ -113,24 +112,54 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         lease_ttl: Duration::from_secs(60),
         ..WorkerConfig::default()
     };
-    let (trigger, stop) = shutdown::channel();
-    eprintln!("draining with {} workers …", args.workers);
-    let started = Instant::now();
-    let fleet = start_workers(&store, &worker_cfg, &handlers, args.workers, &stop);
-    loop {
-        let open: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM orders WHERE status <> 'COMPLETED'")
+    let mut runs = Vec::new();
+    for (shape, per_order) in [("many_orders", 100u64), ("single_order", args.tasks)] {
+        for &workers in &args.workers {
+            sqlx::query("TRUNCATE order_task_transitions, order_tasks, orders, idempotency_ledger")
+                .execute(store.pool())
+                .await?;
+            let mut left = args.tasks;
+            while left > 0 {
+                let q = left.min(per_order);
+                submit(&store, "noop", q, 1).await?;
+                left -= q;
+            }
+            while generator.run_once().await?.orders > 0 {}
+            sqlx::query("VACUUM ANALYZE order_tasks").execute(store.pool()).await?;
+            sqlx::query("CHECKPOINT").execute(store.pool()).await.ok();
+            let (trigger, stop) = shutdown::channel();
+            let started = Instant::now();
+            let fleet = start_workers(&store, &worker_cfg, &handlers, workers, &stop);
+            loop {
+                let open: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
+                )
                 .fetch_one(store.pool())
                 .await?;
-        if open == 0 {
-            break;
+                if open == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            trigger.fire();
+            for w in fleet {
+                let _ = w.await;
+            }
+            while rx.try_recv().is_ok() {}
+            let per_sec = args.tasks as f64 / secs;
+            eprintln!("{shape}, {workers} workers: {per_sec:.0} tasks/s");
+            runs.push(json!({
+                "shape": shape, "orders": args.tasks.div_ceil(per_order), "workers": workers,
+                "seconds": round(secs), "tasks_per_sec": round(per_sec),
+            }));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let drain = started.elapsed();
-    while rx.try_recv().is_ok() {}
-    let throughput = args.tasks as f64 / drain.as_secs_f64();
-    eprintln!("throughput: {throughput:.0} tasks/s");
+    sqlx::query("TRUNCATE order_task_transitions, order_tasks, orders, idempotency_ledger")
+        .execute(store.pool())
+        .await?;
+    let (trigger, stop) = shutdown::channel();
+    let fleet = start_workers(&store, &worker_cfg, &handlers, 1, &stop);
 
     // Pickup latency: the fleet is idle; submit single-unit orders at random gaps.
     let gen_task =
@@ -181,9 +210,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let out = json!({
         "postgres": {"version": server_version, "fsync": fsync},
         "throughput": {
-            "tasks": args.tasks, "workers": args.workers, "batch_size": args.batch_size,
-            "concurrency": args.concurrency, "seconds": round(drain.as_secs_f64()),
-            "tasks_per_sec": round(throughput),
+            "tasks": args.tasks, "batch_size": args.batch_size,
+            "concurrency": args.concurrency, "runs": runs,
         },
         "pickup_ms": {
             "samples": samples.len(),

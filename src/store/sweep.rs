@@ -149,15 +149,14 @@ WITH doomed AS (
 ),
 moved AS (
     DELETE FROM order_task_transitions x
-    WHERE x.id IN (SELECT id FROM order_task_transitions
-                   WHERE order_id IN (SELECT id FROM doomed) LIMIT $2)
+    WHERE x.ctid = ANY(ARRAY(SELECT ctid FROM order_task_transitions
+                             WHERE order_id IN (SELECT id FROM doomed) LIMIT $2))
     RETURNING x.id, x.task_id, x.order_id, x.occurred_at, x.from_state, x.to_state,
               x.transition_reason, x.error_class, x.actor_id, x.correlation_id, x.attempt
 )
 INSERT INTO order_task_transitions_archive (id, task_id, order_id, occurred_at, from_state,
     to_state, transition_reason, error_class, actor_id, correlation_id, attempt)
 SELECT * FROM moved
-ON CONFLICT (id) DO NOTHING
 "#;
 
 const MARK_ARCHIVED: &str = r#"

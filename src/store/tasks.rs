@@ -72,7 +72,7 @@ const CLAIM: &str = r#"
 WITH ctl AS (
     SELECT paused, batch_size_override FROM tally_control WHERE id
 ),
-picked AS (
+picked AS MATERIALIZED (
     SELECT t.id, t.status
     FROM order_tasks t
     WHERE t.status IN ('PENDING', 'FAILED_RETRYING')
@@ -84,6 +84,8 @@ picked AS (
     FOR UPDATE SKIP LOCKED
 ),
 claimed AS (
+    -- `= ANY(ARRAY(...))` keeps this a primary-key lookup: joining the CTE instead lets
+    -- the planner, which cannot estimate the LIMIT expression, hash the whole table.
     UPDATE order_tasks t
     SET status = 'EXECUTING',
         attempts = t.attempts + 1,
@@ -92,21 +94,21 @@ claimed AS (
         claim_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => $4),
         updated_at = now()
-    FROM picked p
-    WHERE t.id = p.id AND t.attempts < t.max_attempts
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.attempts < t.max_attempts
     RETURNING t.id, t.order_id, t.seq, t.kind, t.quantity, t.delivered, t.attempts,
-              t.max_attempts, t.claim_token, p.status AS from_state
+              t.max_attempts, t.claim_token
 ),
 audit AS (
     INSERT INTO order_task_transitions
         (task_id, order_id, from_state, to_state, transition_reason, actor_id, attempt)
-    SELECT c.id, c.order_id, c.from_state, 'EXECUTING', 'claimed', $5, c.attempts
+    SELECT c.id, c.order_id, p.status, 'EXECUTING', 'claimed', $5, c.attempts
     FROM claimed c
+    JOIN picked p ON p.id = c.id
 )
 SELECT c.id, c.order_id, c.seq, c.kind, c.quantity, c.delivered, c.attempts, c.max_attempts,
        c.claim_token, o.target, o.trace_context
 FROM claimed c
-JOIN orders o ON o.id = c.order_id
+CROSS JOIN LATERAL (SELECT target, trace_context FROM orders WHERE id = c.order_id) o
 "#;
 
 /// Applies decided transitions of claimed tasks and rolls their unit deltas into the
@@ -141,12 +143,13 @@ upd AS (
                                 ELSE i.error_class END,
         updated_at = now()
     FROM input i
-    WHERE t.id = i.id
+    WHERE t.id = ANY($1::bigint[])
+      AND t.id = i.id
       AND t.claim_token = i.token
       AND t.status = 'EXECUTING'
       AND (NOT $12 OR t.lease_expires_at < now())
     RETURNING t.id, t.order_id, t.status, t.attempts, i.delivered_delta, i.failed_delta,
-              i.cancelled_delta, i.reason, i.error_class
+              i.cancelled_delta, i.reason, i.error_class, i.retry_in_secs
 ),
 agg AS (
     SELECT order_id, sum(delivered_delta)::bigint AS d, sum(failed_delta)::bigint AS f,
@@ -158,7 +161,7 @@ agg AS (
 locked AS (
     SELECT o.id, o.status AS old_status
     FROM orders o
-    WHERE o.id IN (SELECT order_id FROM agg)
+    WHERE o.id = ANY(ARRAY(SELECT order_id FROM agg))
     ORDER BY o.id
     FOR NO KEY UPDATE
 ),
@@ -179,7 +182,7 @@ ord AS (
         updated_at = now()
     FROM agg a
     JOIN locked l ON l.id = a.order_id
-    WHERE o.id = a.order_id
+    WHERE o.id = l.id
     RETURNING o.id, l.old_status, o.status
 ),
 audit_tasks AS (
@@ -197,7 +200,7 @@ audit_orders AS (
 wake AS (
     -- Re-queued for immediate claim (hand-back, rescue): one NOTIFY per statement.
     SELECT pg_notify('tally_tasks', '')
-    WHERE EXISTS (SELECT 1 FROM upd u JOIN input i ON i.id = u.id WHERE i.retry_in_secs = 0)
+    WHERE EXISTS (SELECT 1 FROM upd WHERE retry_in_secs = 0)
 )
 SELECT coalesce((SELECT array_agg(id) FROM upd), '{}') AS applied,
        coalesce((SELECT array_agg(id) FROM ord WHERE status = 'COMPLETED' AND old_status <> status),
