@@ -125,17 +125,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 left -= q;
             }
             while generator.run_once().await?.orders > 0 {}
-            sqlx::query("VACUUM ANALYZE order_tasks").execute(store.pool()).await?;
+            sqlx::query("VACUUM ANALYZE order_tasks")
+                .execute(store.pool())
+                .await?;
             sqlx::query("CHECKPOINT").execute(store.pool()).await.ok();
             let (trigger, stop) = shutdown::channel();
             let started = Instant::now();
             let fleet = start_workers(&store, &worker_cfg, &handlers, workers, &stop);
             loop {
-                let open: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
-                )
-                .fetch_one(store.pool())
-                .await?;
+                let open: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status <> 'COMPLETED'")
+                        .fetch_one(store.pool())
+                        .await?;
                 if open == 0 {
                     break;
                 }

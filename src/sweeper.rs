@@ -134,6 +134,7 @@ impl Sweeper {
             .orders_due_for_audit(
                 self.config.audit_batch_max,
                 self.config.audit_interval.as_secs_f64(),
+                self.config.retention_days as i32,
             )
             .await?;
         self.audit_orders(&ids).await

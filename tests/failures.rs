@@ -180,6 +180,61 @@ async fn a_stale_rescue_never_resurrects_a_completed_task() {
         .unwrap();
     assert_eq!(status, "COMPLETED");
     assert_eq!(order_status(&db.store, id).await, "COMPLETED");
+    // A lease renewed between the sweeper's read and its write is not rescued either.
+    OrderSpec::units(10, 10).generated(&db.store).await;
+    let worker = Uuid::new_v4();
+    let alive = db
+        .store
+        .claim_tasks(worker, 1, &["test".into()], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    expire_leases(&db.store).await;
+    let stale = db.store.expired_tasks(10).await.unwrap();
+    assert_eq!(stale.len(), 1);
+    let (_, renewed) = db
+        .store
+        .heartbeat(
+            worker,
+            Duration::from_secs(30),
+            Default::default(),
+            &[alive.claim_token],
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed, 1);
+    let rescue: Vec<TaskUpdate> = stale
+        .iter()
+        .map(|e| TaskUpdate {
+            task_id: e.id,
+            claim_token: e.claim_token,
+            transition: decide(
+                &e.snapshot(),
+                &TaskEvent::LeaseExpired,
+                &Backoff::DEFAULT,
+                0.0,
+            )
+            .unwrap(),
+            error: None,
+        })
+        .collect();
+    assert!(
+        db.store
+            .apply_task_updates(&rescue, UpdateFence::ExpiredLease, "sweeper")
+            .await
+            .unwrap()
+            .task_ids
+            .is_empty()
+    );
+    assert_eq!(
+        db.store
+            .apply_task_updates(&[completion(&alive)], UpdateFence::Claim, "w")
+            .await
+            .unwrap()
+            .task_ids
+            .len(),
+        1
+    );
     // A live lease is not rescued either.
     OrderSpec::units(10, 10).generated(&db.store).await;
     db.store

@@ -186,21 +186,25 @@ impl Store {
     }
 
     /// Orders due for an audit: never audited, changed since, or still running and not
-    /// audited for `every_secs`.
+    /// audited for `every_secs`. Orders past retention are left out: their rows may be
+    /// half-way into the archive.
     pub async fn orders_due_for_audit(
         &self,
         limit: u32,
         every_secs: f64,
+        retention_days: i32,
     ) -> Result<Vec<Uuid>, StoreError> {
         self.call("choosing orders to audit", async {
             sqlx::query_scalar(
-                "SELECT id FROM orders WHERE archived_at IS NULL AND (audited_at IS NULL \
-                 OR audited_at < updated_at \
-                 OR (status IN ('PENDING', 'PROCESSING') AND audited_at < now() - make_interval(secs => $2))) \
+                "SELECT id FROM orders WHERE archived_at IS NULL \
+                 AND (finished_at IS NULL OR finished_at >= now() - make_interval(days => $3)) \
+                 AND (audited_at IS NULL OR audited_at < updated_at \
+                      OR (status IN ('PENDING', 'PROCESSING') AND audited_at < now() - make_interval(secs => $2))) \
                  ORDER BY audited_at NULLS FIRST LIMIT $1",
             )
             .bind(i64::from(limit))
             .bind(every_secs)
+            .bind(retention_days)
             .fetch_all(self.pool())
             .await
         })
