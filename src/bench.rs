@@ -38,6 +38,13 @@ pub struct BenchArgs {
     /// loop and completer, like a pod).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub workers: Vec<u32>,
+    /// Queue shapes to measure: `many` (orders of 100 tasks) and/or `single` (one order
+    /// holding every task: the hot-row case).
+    #[arg(long, value_delimiter = ',', default_value = "many,single")]
+    pub shapes: Vec<String>,
+    /// Repetitions of each throughput cell; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub reps: u32,
     /// Claim batch size per worker.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: u32,
@@ -113,46 +120,60 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         ..WorkerConfig::default()
     };
     let mut runs = Vec::new();
-    for (shape, per_order) in [("many_orders", 100u64), ("single_order", args.tasks)] {
+    for shape in &args.shapes {
+        let (shape, per_order) = match shape.as_str() {
+            "many" => ("many_orders", 100u64),
+            "single" => ("single_order", args.tasks),
+            other => anyhow::bail!("--shapes: unknown shape {other:?} (many, single)"),
+        };
         for &workers in &args.workers {
-            sqlx::query("TRUNCATE order_task_transitions, order_tasks, orders, idempotency_ledger")
+            let mut cell = Vec::new();
+            for _ in 0..args.reps.max(1) {
+                sqlx::query(
+                    "TRUNCATE order_task_transitions, order_tasks, orders, idempotency_ledger",
+                )
                 .execute(store.pool())
                 .await?;
-            let mut left = args.tasks;
-            while left > 0 {
-                let q = left.min(per_order);
-                submit(&store, "noop", q, 1).await?;
-                left -= q;
-            }
-            while generator.run_once().await?.orders > 0 {}
-            sqlx::query("VACUUM ANALYZE order_tasks")
-                .execute(store.pool())
-                .await?;
-            sqlx::query("CHECKPOINT").execute(store.pool()).await.ok();
-            let (trigger, stop) = shutdown::channel();
-            let started = Instant::now();
-            let fleet = start_workers(&store, &worker_cfg, &handlers, workers, &stop);
-            loop {
-                let open: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status <> 'COMPLETED'")
-                        .fetch_one(store.pool())
-                        .await?;
-                if open == 0 {
-                    break;
+                let mut left = args.tasks;
+                while left > 0 {
+                    let q = left.min(per_order);
+                    submit(&store, "noop", q, 1).await?;
+                    left -= q;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                while generator.run_once().await?.orders > 0 {}
+                sqlx::query("VACUUM ANALYZE order_tasks")
+                    .execute(store.pool())
+                    .await?;
+                sqlx::query("CHECKPOINT").execute(store.pool()).await.ok();
+                let (trigger, stop) = shutdown::channel();
+                let started = Instant::now();
+                let fleet = start_workers(&store, &worker_cfg, &handlers, workers, &stop);
+                loop {
+                    let open: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
+                    )
+                    .fetch_one(store.pool())
+                    .await?;
+                    if open == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let secs = started.elapsed().as_secs_f64();
+                trigger.fire();
+                for w in fleet {
+                    let _ = w.await;
+                }
+                while rx.try_recv().is_ok() {}
+                let per_sec = args.tasks as f64 / secs;
+                eprintln!("{shape}, {workers} workers: {per_sec:.0} tasks/s");
+                cell.push(per_sec);
             }
-            let secs = started.elapsed().as_secs_f64();
-            trigger.fire();
-            for w in fleet {
-                let _ = w.await;
-            }
-            while rx.try_recv().is_ok() {}
-            let per_sec = args.tasks as f64 / secs;
-            eprintln!("{shape}, {workers} workers: {per_sec:.0} tasks/s");
+            cell.sort_by(f64::total_cmp);
             runs.push(json!({
                 "shape": shape, "orders": args.tasks.div_ceil(per_order), "workers": workers,
-                "seconds": round(secs), "tasks_per_sec": round(per_sec),
+                "tasks_per_sec_median": round(cell[cell.len() / 2]),
+                "tasks_per_sec_runs": cell.iter().map(|v| round(*v)).collect::<Vec<_>>(),
             }));
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use tally::config::Role;
-use tally::domain::{ChunkPlan, ErrorClass};
+use tally::domain::{ChunkPlan, ErrorClass, TaskEvent};
 use tally::generator::{Generator, GeneratorConfig};
 use tally::stats::Stats;
 use tally::worker::{Worker, WorkerConfig};
@@ -126,18 +126,12 @@ async fn concurrent_workers_deliver_every_task_exactly_once() {
         )
         .await,
     );
-    let store = db.store.clone();
-    wait_until(Duration::from_secs(60), "every order completed", || {
-        let store = store.clone();
-        async move {
-            scalar_i64(
-                &store,
-                "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
-            )
-            .await
-                == 0
-        }
-    })
+    wait_for_count(
+        &db.store,
+        "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
+        0,
+        Duration::from_secs(60),
+    )
     .await;
     for p in pods {
         p.stop().await;
@@ -186,12 +180,7 @@ async fn an_order_completes_in_the_statement_that_delivers_its_last_unit() {
         handlers_for("test", rec),
     )
     .await;
-    let store = db.store.clone();
-    wait_until(Duration::from_secs(10), "order completed", || {
-        let store = store.clone();
-        async move { order_status(&store, id).await == "COMPLETED" }
-    })
-    .await;
+    wait_for_status(&db.store, id, "COMPLETED", Duration::from_secs(10)).await;
     pod.stop().await;
     let (finished, last_task): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
         "SELECT o.finished_at, max(t.executed_at) FROM orders o JOIN order_tasks t ON t.order_id = o.id WHERE o.id = $1 GROUP BY o.finished_at",
@@ -228,18 +217,12 @@ async fn retries_follow_the_backoff_in_database_time_then_dead_letter() {
     let s = settings(&db.url, &[Role::Worker]);
     let backoff = s.worker.backoff;
     let pod = Pod::start(&db.url, s, handlers_for("test", rec.clone())).await;
-    let store = db.store.clone();
-    wait_until(Duration::from_secs(20), "task dead-lettered", || {
-        let store = store.clone();
-        async move {
-            scalar_i64(
-                &store,
-                "SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT'",
-            )
-            .await
-                == 1
-        }
-    })
+    wait_for_count(
+        &db.store,
+        "SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT'",
+        1,
+        Duration::from_secs(20),
+    )
     .await;
     pod.stop().await;
     assert_eq!(rec.total_calls(), 3, "max attempts");
@@ -299,36 +282,13 @@ async fn retry_after_is_set_from_database_time() {
     let db = TestDb::new().await;
     let id = OrderSpec::units(5, 5).generated(&db.store).await;
     let w = Uuid::new_v4();
-    let claimed = db
-        .store
-        .claim_tasks(w, 1, &["test".into()], Duration::from_secs(30))
-        .await
-        .unwrap();
-    let t = &claimed[0];
-    let backoff = tally::domain::Backoff::DEFAULT;
-    let tr = tally::domain::state::decide(
-        &t.snapshot(),
-        &tally::domain::TaskEvent::Failed {
-            class: ErrorClass::TimeoutError,
-            retry_in: None,
-        },
-        &backoff,
-        0.0,
-    )
-    .unwrap();
-    db.store
-        .apply_task_updates(
-            &[tally::store::TaskUpdate {
-                task_id: t.id,
-                claim_token: t.claim_token,
-                transition: tr,
-                error: Some("slow".into()),
-            }],
-            tally::store::UpdateFence::Claim,
-            "t",
-        )
-        .await
-        .unwrap();
+    let t = claim_one(&db.store, w).await;
+    let failed = TaskEvent::Failed {
+        class: ErrorClass::TimeoutError,
+        retry_in: None,
+    };
+    // draw 0.0: the un-jittered delay, base 5 s for attempt 1.
+    assert_eq!(apply_event(&db.store, &t, failed).await, vec![t.id]);
     let secs: f64 = sqlx::query_scalar("SELECT extract(epoch FROM retry_after - executed_at)::float8 FROM order_tasks WHERE order_id = $1")
         .bind(id)
         .fetch_one(db.pool())
@@ -372,12 +332,7 @@ async fn validation_errors_dead_letter_at_once() {
         handlers_for("test", rec.clone()),
     )
     .await;
-    let store = db.store.clone();
-    wait_until(Duration::from_secs(10), "all dead-lettered", || {
-        let store = store.clone();
-        async move { store.get_order(id).await.unwrap().unwrap().needs_attention }
-    })
-    .await;
+    wait_for_attention(&db.store, id, Duration::from_secs(10)).await;
     pod.stop().await;
     assert_eq!(rec.total_calls(), 3, "one attempt per task");
     assert!(audit_all(&db.store).await.is_empty());
@@ -388,67 +343,17 @@ async fn partial_delivery_is_counted_once_and_the_rest_requeued() {
     let db = TestDb::new().await;
     let id = OrderSpec::units(100, 100).generated(&db.store).await;
     let w = Uuid::new_v4();
-    let kinds = vec!["test".to_string()];
-    let lease = Duration::from_secs(30);
-    let t = db
-        .store
-        .claim_tasks(w, 1, &kinds, lease)
-        .await
-        .unwrap()
-        .remove(0);
-    let tr = tally::domain::state::decide(
-        &t.snapshot(),
-        &tally::domain::TaskEvent::Delivered { units: 30 },
-        &tally::domain::Backoff::DEFAULT,
-        0.0,
-    )
-    .unwrap();
-    db.store
-        .apply_task_updates(
-            &[tally::store::TaskUpdate {
-                task_id: t.id,
-                claim_token: t.claim_token,
-                transition: tr,
-                error: None,
-            }],
-            tally::store::UpdateFence::Claim,
-            "t",
-        )
-        .await
-        .unwrap();
+    let t = claim_one(&db.store, w).await;
+    apply_event(&db.store, &t, TaskEvent::Delivered { units: 30 }).await;
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!((o.delivered, o.status.as_str()), (30, "PROCESSING"));
     sqlx::query("UPDATE order_tasks SET retry_after = now()")
         .execute(db.pool())
         .await
         .unwrap();
-    let t = db
-        .store
-        .claim_tasks(w, 1, &kinds, lease)
-        .await
-        .unwrap()
-        .remove(0);
+    let t = claim_one(&db.store, w).await;
     assert_eq!((t.snapshot().remaining(), t.attempts), (70, 2));
-    let tr = tally::domain::state::decide(
-        &t.snapshot(),
-        &tally::domain::TaskEvent::Delivered { units: 70 },
-        &tally::domain::Backoff::DEFAULT,
-        0.0,
-    )
-    .unwrap();
-    db.store
-        .apply_task_updates(
-            &[tally::store::TaskUpdate {
-                task_id: t.id,
-                claim_token: t.claim_token,
-                transition: tr,
-                error: None,
-            }],
-            tally::store::UpdateFence::Claim,
-            "t",
-        )
-        .await
-        .unwrap();
+    apply_event(&db.store, &t, TaskEvent::Delivered { units: 70 }).await;
     let o = db.store.get_order(id).await.unwrap().unwrap();
     assert_eq!((o.delivered, o.status.as_str()), (100, "COMPLETED"));
     assert!(audit_all(&db.store).await.is_empty());
@@ -627,11 +532,7 @@ async fn a_small_order_behind_a_giant_starts_within_seconds() {
     )
     .await;
     let small = OrderSpec::units(10, 10).create(&db.store).await;
-    wait_until(Duration::from_secs(10), "the small order completed", || {
-        let store = store.clone();
-        async move { order_status(&store, small).await == "COMPLETED" }
-    })
-    .await;
+    wait_for_status(&db.store, small, "COMPLETED", Duration::from_secs(10)).await;
     let waited: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM min(x.occurred_at) - o.created_at)::float8 FROM orders o \
          JOIN order_task_transitions x ON x.order_id = o.id AND x.transition_reason = 'claimed' WHERE o.id = $1 GROUP BY o.created_at",
@@ -727,18 +628,12 @@ async fn in_process_worker_reports_its_counters() {
         stats.clone(),
     );
     let h = tokio::spawn(w.run(shutdown));
-    let store = db.store.clone();
-    wait_until(Duration::from_secs(10), "order done", || {
-        let store = store.clone();
-        async move {
-            scalar_i64(
-                &store,
-                "SELECT count(*) FROM orders WHERE status = 'COMPLETED'",
-            )
-            .await
-                == 1
-        }
-    })
+    wait_for_count(
+        &db.store,
+        "SELECT count(*) FROM orders WHERE status = 'COMPLETED'",
+        1,
+        Duration::from_secs(10),
+    )
     .await;
     trigger.fire();
     let report = h.await.unwrap();

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use tally::config::Role;
-use tally::domain::state::decide;
-use tally::domain::{Backoff, TaskEvent};
+use tally::domain::TaskEvent;
 use tally::leader::{Leadership, PgElector};
 use tally::pgtemp::{ClusterOptions, TempCluster};
 use tally::store::{TaskUpdate, UpdateFence};
@@ -25,21 +24,12 @@ fn sweeper(store: &tally::store::Store, name: &str) -> Sweeper {
 }
 
 fn completion(t: &tally::store::ClaimedTask) -> TaskUpdate {
-    let tr = decide(
-        &t.snapshot(),
-        &TaskEvent::Delivered {
+    decided(
+        t,
+        TaskEvent::Delivered {
             units: t.quantity as u32,
         },
-        &Backoff::DEFAULT,
-        0.0,
     )
-    .unwrap();
-    TaskUpdate {
-        task_id: t.id,
-        claim_token: t.claim_token,
-        transition: tr,
-        error: None,
-    }
 }
 
 async fn expire_leases(store: &tally::store::Store) {
@@ -152,21 +142,7 @@ async fn a_stale_rescue_never_resurrects_a_completed_task() {
         1
     );
     // … and the sweeper's write, re-checking its own conditions, changes nothing.
-    let rescue: Vec<TaskUpdate> = stale
-        .iter()
-        .map(|e| TaskUpdate {
-            task_id: e.id,
-            claim_token: e.claim_token,
-            transition: decide(
-                &e.snapshot(),
-                &TaskEvent::LeaseExpired,
-                &Backoff::DEFAULT,
-                0.0,
-            )
-            .unwrap(),
-            error: None,
-        })
-        .collect();
+    let rescue = rescue_updates(&stale);
     let applied = db
         .store
         .apply_task_updates(&rescue, UpdateFence::ExpiredLease, "sweeper")
@@ -203,21 +179,7 @@ async fn a_stale_rescue_never_resurrects_a_completed_task() {
         .await
         .unwrap();
     assert_eq!(renewed, 1);
-    let rescue: Vec<TaskUpdate> = stale
-        .iter()
-        .map(|e| TaskUpdate {
-            task_id: e.id,
-            claim_token: e.claim_token,
-            transition: decide(
-                &e.snapshot(),
-                &TaskEvent::LeaseExpired,
-                &Backoff::DEFAULT,
-                0.0,
-            )
-            .unwrap(),
-            error: None,
-        })
-        .collect();
+    let rescue = rescue_updates(&stale);
     assert!(
         db.store
             .apply_task_updates(&rescue, UpdateFence::ExpiredLease, "sweeper")
@@ -498,11 +460,7 @@ async fn workers_ride_out_a_postgres_restart_without_restarting() {
         .await
         .unwrap()
         .unwrap();
-    wait_until(Duration::from_secs(90), "the order completes after the restart", || {
-        let store = store.clone();
-        async move { matches!(store.get_order(id).await, Ok(Some(o)) if o.status == "COMPLETED") }
-    })
-    .await;
+    wait_for_status(&db.store, id, "COMPLETED", Duration::from_secs(90)).await;
     pod_a.stop().await;
     pod_b.stop().await;
     let o = db.store.get_order(id).await.unwrap().unwrap();

@@ -26,18 +26,12 @@ async fn deliver_all(db: &TestDb) {
         handlers_for("test", rec),
     )
     .await;
-    let store = db.store.clone();
-    wait_until(Duration::from_secs(20), "all orders completed", || {
-        let store = store.clone();
-        async move {
-            scalar_i64(
-                &store,
-                "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
-            )
-            .await
-                == 0
-        }
-    })
+    wait_for_count(
+        &db.store,
+        "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
+        0,
+        Duration::from_secs(20),
+    )
     .await;
     pod.stop().await;
 }

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use control::Control;
@@ -116,6 +117,10 @@ impl Store {
                 source,
             })?
             .application_name(&opts.application_name)
+            // Statements are logged at debug; only the truly slow ones warn (the batched
+            // statements routinely take tens of milliseconds by design).
+            .log_statements(log::LevelFilter::Debug)
+            .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5))
             .options([
                 (
                     "statement_timeout",

@@ -400,3 +400,92 @@ pub fn signal(child: &tokio::process::Child, sig: i32) {
         libc::kill(pid, sig);
     }
 }
+
+/// Claims one task of kind `test` for `worker` (lease 30 s).
+pub async fn claim_one(store: &Store, worker: Uuid) -> tally::store::ClaimedTask {
+    let mut got = store
+        .claim_tasks(worker, 1, &["test".into()], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1, "expected a claimable task");
+    got.remove(0)
+}
+
+/// The update the state machine decides for `event` on a claimed task.
+pub fn decided(
+    t: &tally::store::ClaimedTask,
+    event: tally::domain::TaskEvent,
+) -> tally::store::TaskUpdate {
+    let transition =
+        tally::domain::state::decide(&t.snapshot(), &event, &Backoff::DEFAULT, 0.0).unwrap();
+    tally::store::TaskUpdate {
+        task_id: t.id,
+        claim_token: t.claim_token,
+        transition,
+        error: None,
+    }
+}
+
+/// Decides and writes `event` for a claimed task under the claim fence; returns the task ids
+/// that were written.
+pub async fn apply_event(
+    store: &Store,
+    t: &tally::store::ClaimedTask,
+    event: tally::domain::TaskEvent,
+) -> Vec<i64> {
+    store
+        .apply_task_updates(
+            &[decided(t, event)],
+            tally::store::UpdateFence::Claim,
+            "test",
+        )
+        .await
+        .unwrap()
+        .task_ids
+}
+
+/// The sweeper's rescue updates for tasks it read as expired.
+pub fn rescue_updates(stale: &[tally::store::ExpiredTask]) -> Vec<tally::store::TaskUpdate> {
+    stale
+        .iter()
+        .map(|e| tally::store::TaskUpdate {
+            task_id: e.id,
+            claim_token: e.claim_token,
+            transition: tally::domain::state::decide(
+                &e.snapshot(),
+                &tally::domain::TaskEvent::LeaseExpired,
+                &Backoff::DEFAULT,
+                0.0,
+            )
+            .unwrap(),
+            error: None,
+        })
+        .collect()
+}
+
+/// Waits until the scalar `sql` returns `expected`.
+pub async fn wait_for_count(store: &Store, sql: &'static str, expected: i64, timeout: Duration) {
+    wait_until(timeout, sql, || {
+        let store = store.clone();
+        async move { scalar_i64(&store, sql).await == expected }
+    })
+    .await
+}
+
+/// Waits until order `id` has `status`.
+pub async fn wait_for_status(store: &Store, id: Uuid, status: &'static str, timeout: Duration) {
+    wait_until(timeout, status, || {
+        let store = store.clone();
+        async move { matches!(store.get_order(id).await, Ok(Some(o)) if o.status == status) }
+    })
+    .await
+}
+
+/// Waits until order `id` needs attention (every remaining task dead-lettered).
+pub async fn wait_for_attention(store: &Store, id: Uuid, timeout: Duration) {
+    wait_until(timeout, "order needs attention", || {
+        let store = store.clone();
+        async move { store.get_order(id).await.unwrap().unwrap().needs_attention }
+    })
+    .await
+}
