@@ -414,16 +414,7 @@ async fn graceful_shutdown_hands_back_without_burning_attempts() {
     pod.stop().await;
     assert_eq!(rec.total_calls(), 8);
     // Nothing left executing, every task back in the queue with zero attempts.
-    let rows: Vec<(String, i32)> =
-        sqlx::query_as("SELECT status, attempts FROM order_tasks WHERE order_id = $1")
-            .bind(id)
-            .fetch_all(db.pool())
-            .await
-            .unwrap();
-    assert!(
-        rows.iter().all(|(s, a)| s == "PENDING" && *a == 0),
-        "{rows:?}"
-    );
+    assert_all_handed_back(&db.store, id).await;
     assert_eq!(
         scalar_i64(
             &db.store,

@@ -407,16 +407,7 @@ async fn sigterm_hands_back_in_flight_tasks_and_exits_zero() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    let rows: Vec<(String, i32)> =
-        sqlx::query_as("SELECT status, attempts FROM order_tasks WHERE order_id = $1")
-            .bind(id)
-            .fetch_all(db.pool())
-            .await
-            .unwrap();
-    assert!(
-        rows.iter().all(|(s, a)| s == "PENDING" && *a == 0),
-        "{rows:?}"
-    );
+    assert_all_handed_back(&db.store, id).await;
     assert_eq!(
         scalar_i64(
             &db.store,

@@ -65,6 +65,20 @@ pub fn url_with_db(url: &str, db: &str) -> String {
     format!("{}/{db}{query}", &base[..cut])
 }
 
+/// Creates a fresh, empty database on the server and returns its URL.
+async fn create_database(admin: &str) -> String {
+    let name = format!("tally_t_{}", Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    conn.close().await.ok();
+    url_with_db(admin, &name)
+}
+
 /// A fresh, migrated database for one test.
 pub struct TestDb {
     pub url: String,
@@ -78,17 +92,7 @@ impl TestDb {
 
     /// An empty database (no migrations) on the test server; returns its URL.
     pub async fn empty() -> String {
-        let admin = admin_url();
-        let name = format!("tally_e_{}", Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(&admin)
-            .await
-            .expect("admin connection");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create test database");
-        conn.close().await.ok();
-        url_with_db(&admin, &name)
+        create_database(&admin_url()).await
     }
 
     pub async fn on_server(admin: &str) -> Self {
@@ -98,16 +102,7 @@ impl TestDb {
                 .with_test_writer()
                 .try_init();
         }
-        let name = format!("tally_t_{}", Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(admin)
-            .await
-            .expect("admin connection");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create test database");
-        conn.close().await.ok();
-        let url = url_with_db(admin, &name);
+        let url = create_database(admin).await;
         let store = Store::connect(&StoreOptions {
             pool_size_max: 20,
             ..StoreOptions::new(&url)
@@ -488,4 +483,19 @@ pub async fn wait_for_attention(store: &Store, id: Uuid, timeout: Duration) {
         async move { store.get_order(id).await.unwrap().unwrap().needs_attention }
     })
     .await
+}
+
+/// Every task of the order is back in the queue, PENDING with no attempt counted.
+pub async fn assert_all_handed_back(store: &Store, order: Uuid) {
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("SELECT status, attempts FROM order_tasks WHERE order_id = $1")
+            .bind(order)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert!(!rows.is_empty());
+    assert!(
+        rows.iter().all(|(s, a)| s == "PENDING" && *a == 0),
+        "{rows:?}"
+    );
 }
