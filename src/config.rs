@@ -331,6 +331,7 @@ impl ServeArgs {
             },
             generator: GeneratorConfig {
                 orders_per_pass_max: 50,
+                tasks_per_pass_max: crate::store::GENERATE_TASKS_BUDGET,
                 poll_interval: poll,
             },
             sweeper: SweeperConfig {

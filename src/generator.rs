@@ -13,6 +13,8 @@ use crate::store::{ORDERS_CHANNEL, Store, StoreError};
 pub struct GeneratorConfig {
     /// Most orders fanned out by one statement.
     pub orders_per_pass_max: u32,
+    /// Most tasks made by one statement (the oldest order is always taken, however big).
+    pub tasks_per_pass_max: u64,
     /// Longest wait between passes when no NOTIFY arrives.
     pub poll_interval: Duration,
 }
@@ -21,6 +23,7 @@ impl Default for GeneratorConfig {
     fn default() -> Self {
         Self {
             orders_per_pass_max: 50,
+            tasks_per_pass_max: crate::store::GENERATE_TASKS_BUDGET,
             poll_interval: Duration::from_secs(1),
         }
     }
@@ -52,7 +55,11 @@ impl Generator {
     pub async fn run_once(&self) -> Result<GenerateReport, StoreError> {
         let (orders, tasks) = self
             .store
-            .generate_tasks(self.config.orders_per_pass_max, &self.actor)
+            .generate_tasks_budgeted(
+                self.config.orders_per_pass_max,
+                self.config.tasks_per_pass_max,
+                &self.actor,
+            )
             .await?;
         if orders > 0 {
             tracing::info!(orders, tasks, "generated tasks");
@@ -63,9 +70,9 @@ impl Generator {
     pub async fn run(self, shutdown: Shutdown) {
         let mut listener: Option<PgListener> = None;
         while !shutdown.is_triggered() {
-            // Drain: keep going while full passes come back.
+            // Drain: keep going while passes find work.
             match self.run_once().await {
-                Ok(r) if r.orders >= u64::from(self.config.orders_per_pass_max) => continue,
+                Ok(r) if r.orders > 0 => continue,
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "generation pass failed"),
             }

@@ -83,6 +83,35 @@ async fn generator_is_idempotent_under_concurrency() {
 }
 
 #[tokio::test]
+async fn a_generation_pass_stays_within_its_task_budget_but_always_progresses() {
+    let db = TestDb::new().await;
+    for _ in 0..3 {
+        OrderSpec::units(1000, 1).create(&db.store).await; // 1,000 tasks each
+    }
+    let pass = |budget| {
+        let store = db.store.clone();
+        async move {
+            store
+                .generate_tasks_budgeted(50, budget, "t")
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        pass(2500).await,
+        (2, 2000),
+        "two orders fit, the third would not"
+    );
+    assert_eq!(
+        pass(10).await,
+        (1, 1000),
+        "the oldest order is taken even over budget"
+    );
+    assert_eq!(pass(10).await, (0, 0));
+    assert!(audit_all(&db.store).await.is_empty());
+}
+
+#[tokio::test]
 async fn a_million_unit_order_fans_out_in_one_statement() {
     let db = TestDb::new().await;
     let id = OrderSpec::units(1_000_000, 400).create(&db.store).await;

@@ -22,7 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use control::Control;
 pub use leader::LeaseGrant;
-pub use orders::{IntakeOutcome, NewOrder, OrderRow};
+pub use orders::{GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, IntakeOutcome, NewOrder, OrderRow};
 pub use sweep::{ExpiredTask, RetentionReport};
 pub use tasks::{ClaimedTask, TaskUpdate, UpdateFence};
 pub use workers::{WorkerCounters, WorkerRegistration};

@@ -243,6 +243,7 @@ pub fn settings(url: &str, roles: &[Role]) -> ServeSettings {
         },
         generator: GeneratorConfig {
             orders_per_pass_max: 50,
+            tasks_per_pass_max: tally::store::GENERATE_TASKS_BUDGET,
             poll_interval: Duration::from_millis(100),
         },
         sweeper: SweeperConfig {
