@@ -664,3 +664,20 @@ async fn in_process_worker_reports_its_counters() {
         (2, 2, 0, 0)
     );
 }
+
+#[tokio::test]
+async fn runtime_connections_carry_their_safety_settings() {
+    let db = TestDb::new().await;
+    let show = |name: &'static str| {
+        let store = db.store.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(show("plan_cache_mode").await, "force_custom_plan");
+    assert_eq!(show("statement_timeout").await, "30s");
+    assert_eq!(show("idle_in_transaction_session_timeout").await, "1min");
+}

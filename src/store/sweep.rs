@@ -185,9 +185,11 @@ impl Store {
         .await
     }
 
-    /// Orders due for an audit: never audited, changed since, or still running and not
-    /// audited for `every_secs`. Orders past retention are left out: their rows may be
-    /// half-way into the archive.
+    /// Orders due for an audit: unfinished orders not audited since they changed (or for
+    /// `every_secs`), and orders that finished in the last day and were not audited since.
+    /// Both halves walk partial indexes, so the cost follows the live orders, not the
+    /// orders table (which keeps every order). Orders past retention are left out: their
+    /// rows may be half-way into the archive.
     pub async fn orders_due_for_audit(
         &self,
         limit: u32,
@@ -196,11 +198,17 @@ impl Store {
     ) -> Result<Vec<Uuid>, StoreError> {
         self.call("choosing orders to audit", async {
             sqlx::query_scalar(
-                "SELECT id FROM orders WHERE archived_at IS NULL \
-                 AND (finished_at IS NULL OR finished_at >= now() - make_interval(days => $3)) \
-                 AND (audited_at IS NULL OR audited_at < updated_at \
-                      OR (status IN ('PENDING', 'PROCESSING') AND audited_at < now() - make_interval(secs => $2))) \
-                 ORDER BY audited_at NULLS FIRST LIMIT $1",
+                "SELECT id FROM ( \
+                   SELECT id, audited_at FROM orders \
+                   WHERE status IN ('PENDING', 'PROCESSING') \
+                     AND (audited_at IS NULL OR audited_at < updated_at \
+                          OR audited_at < now() - make_interval(secs => $2)) \
+                   UNION ALL \
+                   SELECT id, audited_at FROM orders \
+                   WHERE finished_at IS NOT NULL AND archived_at IS NULL \
+                     AND finished_at > greatest(now() - interval '1 day', now() - make_interval(days => $3)) \
+                     AND (audited_at IS NULL OR audited_at < updated_at) \
+                 ) due ORDER BY audited_at NULLS FIRST LIMIT $1",
             )
             .bind(i64::from(limit))
             .bind(every_secs)
