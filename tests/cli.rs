@@ -150,3 +150,44 @@ fn demo_with_chaos_recovers_the_killed_workers_tasks() {
     // Tasks that finished between the pick and the kill are not orphans; the rest are.
     assert!(s["orphans_recovered"].as_i64().unwrap() >= 1, "{s}");
 }
+
+#[tokio::test]
+async fn demo_runs_against_an_existing_database() {
+    let url = TestDb::empty().await;
+    let out = tally()
+        .args([
+            "demo",
+            "--json",
+            "--latency-ms",
+            "20",
+            "--quantity",
+            "1000",
+            "--chunk-size",
+            "100",
+            "--workers",
+            "2",
+            "--database-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (s["delivered"].as_i64(), s["tasks"].as_i64()),
+        (Some(1000), Some(10))
+    );
+    // The order really is in that database, and the demo migrated it.
+    let store = tally::store::Store::connect(&tally::store::StoreOptions::new(&url))
+        .await
+        .unwrap();
+    let id: uuid::Uuid = s["order_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        store.get_order(id).await.unwrap().unwrap().status,
+        "COMPLETED"
+    );
+}
