@@ -97,6 +97,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         orders_per_pass_max: 1000,
         tasks_per_pass_max: crate::store::GENERATE_TASKS_BUDGET,
         poll_interval: Duration::from_millis(1000),
+        listen: true,
     };
     let generator = Generator::new(store.clone(), gen_cfg.clone(), "bench".into());
 

@@ -166,6 +166,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value = "1000",
           value_parser = bounded::<u64>("TALLY_POLL_INTERVAL_MS", 10, 60_000))]
     pub poll_interval_ms: u64,
+    /// Use LISTEN/NOTIFY to wake up early. Set false behind PgBouncer in transaction mode,
+    /// where LISTEN does not work: polling alone is what correctness relies on anyway.
+    #[arg(long, env = "TALLY_LISTEN_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub listen_enabled: bool,
     /// On SIGTERM, how long running attempts may take to finish before they are handed back.
     #[arg(long, env = "TALLY_SHUTDOWN_GRACE_SEC", default_value = "25",
           value_parser = bounded::<f64>("TALLY_SHUTDOWN_GRACE_SEC", 0.0, 3600.0))]
@@ -326,6 +330,7 @@ impl ServeArgs {
                 lease_ttl: secs(w.lease_ttl_sec),
                 claim_timeout: secs(w.claim_timeout_sec),
                 poll_interval: poll,
+                listen: w.listen_enabled,
                 shutdown_grace: secs(w.shutdown_grace_sec),
                 backoff,
             },
@@ -333,6 +338,7 @@ impl ServeArgs {
                 orders_per_pass_max: 50,
                 tasks_per_pass_max: crate::store::GENERATE_TASKS_BUDGET,
                 poll_interval: poll,
+                listen: w.listen_enabled,
             },
             sweeper: SweeperConfig {
                 tick_interval: Duration::from_millis(self.sweeper.sweep_interval_ms),

@@ -17,6 +17,8 @@ pub struct GeneratorConfig {
     pub tasks_per_pass_max: u64,
     /// Longest wait between passes when no NOTIFY arrives.
     pub poll_interval: Duration,
+    /// Wake early on NOTIFY (off behind PgBouncer in transaction mode).
+    pub listen: bool,
 }
 
 impl Default for GeneratorConfig {
@@ -25,6 +27,7 @@ impl Default for GeneratorConfig {
             orders_per_pass_max: 50,
             tasks_per_pass_max: crate::store::GENERATE_TASKS_BUDGET,
             poll_interval: Duration::from_secs(1),
+            listen: true,
         }
     }
 }
@@ -76,7 +79,7 @@ impl Generator {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "generation pass failed"),
             }
-            if listener.is_none() {
+            if listener.is_none() && self.config.listen {
                 listener = match PgListener::connect_with(self.store.pool()).await {
                     Ok(mut l) => l.listen(ORDERS_CHANNEL).await.ok().map(|_| l),
                     Err(_) => None,

@@ -666,6 +666,30 @@ async fn in_process_worker_reports_its_counters() {
 }
 
 #[tokio::test]
+async fn delivery_is_correct_on_polling_alone_without_listen_notify() {
+    // As behind PgBouncer in transaction mode: no LISTEN anywhere.
+    let db = TestDb::new().await;
+    let id = OrderSpec::units(2000, 100).create(&db.store).await;
+    let rec = Recorder::new(Duration::ZERO);
+    let mut s = settings(&db.url, &[Role::Generator, Role::Worker, Role::Sweeper]);
+    s.worker.listen = false;
+    s.generator.listen = false;
+    let pod = Pod::start(&db.url, s, handlers_for("test", rec.clone())).await;
+    wait_for_status(&db.store, id, "COMPLETED", Duration::from_secs(20)).await;
+    // No session of this database ever ran LISTEN (a listening session keeps it as its last query).
+    let listening: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    pod.stop().await;
+    assert_eq!(listening, 0);
+    assert_eq!(rec.total_calls(), 20);
+    assert!(audit_all(&db.store).await.is_empty());
+}
+
+#[tokio::test]
 async fn runtime_connections_carry_their_safety_settings() {
     let db = TestDb::new().await;
     let show = |name: &'static str| {

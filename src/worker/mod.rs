@@ -48,6 +48,8 @@ pub struct WorkerConfig {
     pub claim_timeout: Duration,
     /// Longest wait between claims when no NOTIFY arrives.
     pub poll_interval: Duration,
+    /// Wake early on NOTIFY (off behind PgBouncer in transaction mode).
+    pub listen: bool,
     /// How long running attempts may take to finish on shutdown.
     pub shutdown_grace: Duration,
     /// Retry delays.
@@ -62,6 +64,7 @@ impl Default for WorkerConfig {
             lease_ttl: Duration::from_secs(15),
             claim_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
+            listen: true,
             shutdown_grace: Duration::from_secs(25),
             backoff: Backoff::DEFAULT,
         }
@@ -111,7 +114,9 @@ impl Worker {
         let (hard_stop_trigger, hard_stop) = shutdown::channel();
         let (tx, rx) = mpsc::channel::<Finished>(cfg.concurrency_max as usize);
 
-        let listener = tokio::spawn(listen(self.store.clone(), wake.clone(), shutdown.clone()));
+        let listener = cfg
+            .listen
+            .then(|| tokio::spawn(listen(self.store.clone(), wake.clone(), shutdown.clone())));
         let completer = tokio::spawn(completer::run(
             self.store.clone(),
             rx,
@@ -204,7 +209,9 @@ impl Worker {
             Ok(Ok(handed_back)) => report.handed_back = handed_back,
             _ => tracing::warn!("completer did not finish; unwritten outcomes will be rescued"),
         }
-        listener.abort();
+        if let Some(l) = listener {
+            l.abort();
+        }
         drop(hard_stop_trigger);
         tracing::info!(worker.id = %self.id, claimed = report.claimed, handed_back = report.handed_back, "worker stopped");
         report

@@ -238,6 +238,7 @@ pub fn settings(url: &str, roles: &[Role]) -> ServeSettings {
             lease_ttl: Duration::from_secs(2),
             claim_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
+            listen: true,
             shutdown_grace: Duration::from_secs(5),
             backoff,
         },
@@ -245,6 +246,7 @@ pub fn settings(url: &str, roles: &[Role]) -> ServeSettings {
             orders_per_pass_max: 50,
             tasks_per_pass_max: tally::store::GENERATE_TASKS_BUDGET,
             poll_interval: Duration::from_millis(100),
+            listen: true,
         },
         sweeper: SweeperConfig {
             tick_interval: Duration::from_millis(100),
