@@ -61,17 +61,6 @@ impl StoreError {
             _ => false,
         }
     }
-
-    /// The database refused the input itself (a constraint), not because it was unavailable.
-    pub fn constraint(&self) -> Option<String> {
-        match self {
-            StoreError::Db {
-                source: sqlx::Error::Database(e),
-                ..
-            } => e.constraint().map(str::to_owned),
-            _ => None,
-        }
-    }
 }
 
 /// How to connect.
