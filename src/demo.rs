@@ -243,7 +243,8 @@ async fn drive(
     let deadline = started + Duration::from_secs(args.timeout_sec);
     let row = loop {
         let row = store.get_order(id).await?.context("the order vanished")?;
-        let done = row.status != "PENDING" && row.status != "PROCESSING" || row.needs_attention;
+        let done = crate::domain::OrderStatus::parse(&row.status).is_some_and(|s| s.is_final())
+            || row.needs_attention;
         if args.chaos && chaos.is_none() && row.delivered * 4 >= row.quantity && !done {
             chaos = kill_a_busy_worker(store, fleet).await?;
             if let Some((pid, held)) = chaos {

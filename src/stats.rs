@@ -18,8 +18,6 @@ pub struct Stats {
     pub failed: AtomicI64,
     /// Attempts that ended in a scheduled retry.
     pub retries: AtomicI64,
-    /// Finishing writes dropped because the claim had been taken away.
-    pub fenced: AtomicI64,
     pub recovered_orphans: AtomicI64,
     /// Claim tokens this process is executing right now. The heartbeat renews exactly these
     /// leases: a claim whose response was lost (the connection died after the commit) is not

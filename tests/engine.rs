@@ -140,7 +140,6 @@ async fn concurrent_workers_deliver_every_task_exactly_once() {
     for _ in 0..4 {
         pods.push(
             Pod::start(
-                &db.url,
                 settings(&db.url, &[Role::Worker]),
                 handlers_for("test", rec.clone()),
             )
@@ -149,7 +148,6 @@ async fn concurrent_workers_deliver_every_task_exactly_once() {
     }
     pods.push(
         Pod::start(
-            &db.url,
             settings(&db.url, &[Role::Sweeper]),
             handlers_for("test", rec.clone()),
         )
@@ -187,14 +185,7 @@ async fn concurrent_workers_deliver_every_task_exactly_once() {
     );
     assert!(audit_all(&db.store).await.is_empty());
     // Workers deregistered on the way out.
-    assert_eq!(
-        scalar_i64(
-            &db.store,
-            "SELECT count(*) FROM workers WHERE stopped_at IS NULL"
-        )
-        .await,
-        0
-    );
+    assert_no_live_workers(&db.store).await;
 }
 
 #[tokio::test]
@@ -204,7 +195,6 @@ async fn an_order_completes_in_the_statement_that_delivers_its_last_unit() {
     let rec = Recorder::new(Duration::ZERO);
     // Worker only: no sweeper, so nothing but the completion write can finalise the order.
     let pod = Pod::start(
-        &db.url,
         settings(&db.url, &[Role::Worker]),
         handlers_for("test", rec),
     )
@@ -245,7 +235,7 @@ async fn retries_follow_the_backoff_in_database_time_then_dead_letter() {
     *rec.fail_first.lock().unwrap() = Some((99, ErrorClass::NetworkError));
     let s = settings(&db.url, &[Role::Worker]);
     let backoff = s.worker.backoff;
-    let pod = Pod::start(&db.url, s, handlers_for("test", rec.clone())).await;
+    let pod = Pod::start(s, handlers_for("test", rec.clone())).await;
     wait_for_count(
         &db.store,
         "SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT'",
@@ -356,7 +346,6 @@ async fn validation_errors_dead_letter_at_once() {
     let rec = Recorder::new(Duration::ZERO);
     *rec.fail_first.lock().unwrap() = Some((99, ErrorClass::ValidationError));
     let pod = Pod::start(
-        &db.url,
         settings(&db.url, &[Role::Worker]),
         handlers_for("test", rec.clone()),
     )
@@ -402,7 +391,7 @@ async fn a_handler_past_the_claim_timeout_is_cancelled_as_timeout_error() {
     let rec = Recorder::new(Duration::from_secs(600));
     let mut s = settings(&db.url, &[Role::Worker]);
     s.worker.claim_timeout = Duration::from_millis(300);
-    let pod = Pod::start(&db.url, s, handlers_for("test", rec)).await;
+    let pod = Pod::start(s, handlers_for("test", rec)).await;
     let store = db.store.clone();
     wait_until(
         Duration::from_secs(10),
@@ -432,7 +421,7 @@ async fn graceful_shutdown_hands_back_without_burning_attempts() {
     s.worker.concurrency_max = 8;
     s.worker.batch_size_max = 8;
     s.worker.shutdown_grace = Duration::from_millis(300);
-    let pod = Pod::start(&db.url, s, handlers_for("test", rec.clone())).await;
+    let pod = Pod::start(s, handlers_for("test", rec.clone())).await;
     let pod_id = pod.id;
     let store = db.store.clone();
     wait_until(Duration::from_secs(10), "8 tasks executing", || {
@@ -535,12 +524,12 @@ async fn claims_interleave_orders_and_priority_wins() {
 #[tokio::test]
 async fn a_small_order_behind_a_giant_starts_within_seconds() {
     let db = TestDb::new().await;
-    let giant = OrderSpec::units(1_000_000, 400).create(&db.store).await;
+    OrderSpec::units(1_000_000, 400).create(&db.store).await;
     let rec = Recorder::new(Duration::from_millis(200));
     let mut s = settings(&db.url, &[Role::Generator, Role::Worker]);
     s.worker.concurrency_max = 8;
     s.worker.batch_size_max = 8;
-    let pod = Pod::start(&db.url, s, handlers_for("test", rec.clone())).await;
+    let pod = Pod::start(s, handlers_for("test", rec.clone())).await;
     let store = db.store.clone();
     wait_until(
         Duration::from_secs(10),
@@ -575,7 +564,6 @@ async fn a_small_order_behind_a_giant_starts_within_seconds() {
         giant_left > 2000,
         "the giant was still far from drained ({giant_left} left)"
     );
-    let _ = giant;
 }
 
 #[tokio::test]
@@ -674,7 +662,7 @@ async fn delivery_is_correct_on_polling_alone_without_listen_notify() {
     let mut s = settings(&db.url, &[Role::Generator, Role::Worker, Role::Sweeper]);
     s.worker.listen = false;
     s.generator.listen = false;
-    let pod = Pod::start(&db.url, s, handlers_for("test", rec.clone())).await;
+    let pod = Pod::start(s, handlers_for("test", rec.clone())).await;
     wait_for_status(&db.store, id, "COMPLETED", Duration::from_secs(20)).await;
     // No session of this database ever ran LISTEN (a listening session keeps it as its last query).
     let listening: i64 = sqlx::query_scalar(

@@ -21,7 +21,6 @@ fn sweeper(store: &tally::store::Store, config: SweeperConfig) -> Sweeper {
 async fn deliver_all(db: &TestDb) {
     let rec = Recorder::new(Duration::ZERO);
     let pod = Pod::start(
-        &db.url,
         settings(&db.url, &[tally::config::Role::Worker]),
         handlers_for("test", rec),
     )
@@ -39,9 +38,9 @@ async fn deliver_all(db: &TestDb) {
 #[tokio::test]
 async fn the_auditor_records_every_check_and_catches_a_double_count() {
     let db = TestDb::new().await;
-    let good = OrderSpec::units(500, 100).generated(&db.store).await;
+    OrderSpec::units(500, 100).generated(&db.store).await;
     let bad = OrderSpec::units(500, 100).generated(&db.store).await;
-    let pending = OrderSpec::units(10, 10).create(&db.store).await;
+    OrderSpec::units(10, 10).create(&db.store).await;
     let s = sweeper(&db.store, SweeperConfig::default());
     let r = s.audit_once().await.unwrap();
     assert_eq!((r.orders_checked, r.violations.len()), (3, 0));
@@ -85,7 +84,6 @@ async fn the_auditor_records_every_check_and_catches_a_double_count() {
     .unwrap();
     assert_eq!(health[0], (bad, Some(false), 1));
     assert!(health[1..].iter().all(|h| h.1 == Some(true) && h.2 == 0));
-    let _ = (good, pending);
 }
 
 #[tokio::test]

@@ -165,7 +165,7 @@ impl TaskEvent {
             TaskEvent::Claimed => "claimed",
             TaskEvent::Delivered { .. } => "delivered",
             TaskEvent::Failed { .. } => "failed",
-            TaskEvent::HandedBack => "handed_back",
+            TaskEvent::HandedBack => HANDED_BACK,
             TaskEvent::LeaseExpired => "lease_expired",
             TaskEvent::Cancelled => "cancelled",
             TaskEvent::Replayed => "replayed",
@@ -202,6 +202,15 @@ pub struct Transition {
     pub reason: &'static str,
     pub error_class: Option<ErrorClass>,
 }
+
+impl Transition {
+    /// A hand-back returns the claim without counting the attempt: not a processed outcome.
+    pub fn is_hand_back(&self) -> bool {
+        self.reason == HANDED_BACK
+    }
+}
+
+const HANDED_BACK: &str = "handed_back";
 
 /// An event that cannot happen in the task's state: a programming or fencing error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -343,7 +352,7 @@ fn hand_back(task: &TaskSnapshot, base: Transition) -> Transition {
         },
         attempts,
         retry_at: RetryAt::Now,
-        reason: "handed_back",
+        reason: HANDED_BACK,
         ..base
     }
 }
@@ -569,11 +578,19 @@ mod tests {
 
     #[test]
     fn final_states_accept_nothing_but_replay() {
-        for status in [
-            TaskStatus::Completed,
-            TaskStatus::Cancelled,
-            TaskStatus::FailedPermanent,
-        ] {
+        let finals: Vec<TaskStatus> = TaskStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .collect();
+        assert_eq!(
+            finals,
+            [
+                TaskStatus::Completed,
+                TaskStatus::FailedPermanent,
+                TaskStatus::Cancelled
+            ]
+        );
+        for status in finals {
             for event in events() {
                 let r = decide(&snap(status, 2), &event, &Backoff::DEFAULT, 0.0);
                 assert_eq!(

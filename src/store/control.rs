@@ -2,22 +2,7 @@
 
 use super::{Store, StoreError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
-pub struct Control {
-    pub paused: bool,
-    pub batch_size_override: Option<i32>,
-}
-
 impl Store {
-    pub async fn control(&self) -> Result<Control, StoreError> {
-        self.call("reading the control row", async {
-            sqlx::query_as("SELECT paused, batch_size_override FROM tally_control WHERE id")
-                .fetch_one(self.pool())
-                .await
-        })
-        .await
-    }
-
     /// The emergency brake: while paused, no worker claims anything.
     pub async fn set_paused(&self, paused: bool, actor: &str) -> Result<(), StoreError> {
         self.call("setting the global pause", async {

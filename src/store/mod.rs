@@ -20,7 +20,6 @@ use std::time::Duration;
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-pub use control::Control;
 pub use leader::LeaseGrant;
 pub use orders::{GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, IntakeOutcome, NewOrder, OrderRow};
 pub use sweep::{ExpiredTask, RetentionReport};
@@ -215,16 +214,6 @@ impl Store {
             .iter()
             .filter(|m| m.migration_type.is_up_migration())
             .all(|m| applied.contains(&m.version)))
-    }
-
-    /// Database time, for reports.
-    pub async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
-        self.call("reading the database clock", async {
-            sqlx::query_scalar("SELECT now()")
-                .fetch_one(&self.pool)
-                .await
-        })
-        .await
     }
 
     pub async fn close(&self) {

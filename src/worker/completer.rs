@@ -56,7 +56,7 @@ pub(super) async fn run(
         write(&store, &updates, &actor, &stats, &hard_stop).await;
         handed_back += updates
             .iter()
-            .filter(|u| u.transition.reason == "handed_back")
+            .filter(|u| u.transition.is_hand_back())
             .count() as u64;
         // Written (or given up to the sweeper): no longer ours to renew. Dropping the batch
         // releases its slots.
@@ -93,7 +93,6 @@ async fn write(
                 count(stats, &written);
                 let fenced = updates.len() - written.len();
                 if fenced > 0 {
-                    Stats::add(&stats.fenced, fenced as i64);
                     tracing::warn!(
                         fenced,
                         "claims were taken away before the outcome was written; outcomes dropped"
@@ -119,7 +118,7 @@ async fn write(
 
 fn count(stats: &Stats, written: &[&Transition]) {
     for t in written {
-        if t.reason == "handed_back" {
+        if t.is_hand_back() {
             continue;
         }
         Stats::add(&stats.processed, 1);

@@ -267,14 +267,13 @@ pub struct Pod {
 }
 
 impl Pod {
-    pub async fn start(url: &str, settings: ServeSettings, handlers: Handlers) -> Pod {
+    pub async fn start(settings: ServeSettings, handlers: Handlers) -> Pod {
         let store = Store::connect(&settings.store).await.unwrap();
         let (trigger, shutdown) = shutdown::channel();
         let id = Uuid::new_v4();
         let handle = tokio::spawn(tally::app::run_roles(
             store, settings, handlers, id, shutdown,
         ));
-        let _ = url;
         Pod {
             id,
             trigger,
@@ -500,5 +499,32 @@ pub async fn assert_all_handed_back(store: &Store, order: Uuid) {
     assert!(
         rows.iter().all(|(s, a)| s == "PENDING" && *a == 0),
         "{rows:?}"
+    );
+}
+
+/// The order delivered every unit, every task is COMPLETED, and the auditor finds nothing.
+pub async fn assert_fully_delivered(store: &Store, order: Uuid) {
+    let o = store.get_order(order).await.unwrap().unwrap();
+    assert_eq!((o.status.as_str(), o.delivered), ("COMPLETED", o.quantity));
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_tasks WHERE order_id = $1 AND status <> 'COMPLETED'",
+    )
+    .bind(order)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(open, 0);
+    assert!(audit_all(store).await.is_empty());
+}
+
+/// Every process deregistered on its way out.
+pub async fn assert_no_live_workers(store: &Store) {
+    assert_eq!(
+        scalar_i64(
+            store,
+            "SELECT count(*) FROM workers WHERE stopped_at IS NULL"
+        )
+        .await,
+        0
     );
 }
