@@ -282,6 +282,7 @@ async fn submit(store: &Store, kind: &str, quantity: u64, chunk: u64) -> anyhow:
         chunk_size: Some(chunk),
         priority: 0,
         max_attempts: None,
+        ..Default::default()
     };
     match crate::intake::submit(store, &req, IntakeDefaults::default(), None).await? {
         crate::store::IntakeOutcome::Created(id) => Ok(id),

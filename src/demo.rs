@@ -117,6 +117,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         chunk_size: Some(args.chunk_size),
         priority: 0,
         max_attempts: Some(args.max_attempts),
+        ..Default::default()
     };
     let order = crate::intake::prepare(&request, IntakeDefaults::default(), None, None)
         .map_err(|e| anyhow::anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;

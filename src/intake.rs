@@ -7,7 +7,8 @@ use crate::domain::{ChunkPlan, PlanError};
 use crate::store::{IntakeOutcome, NewOrder, Store, StoreError};
 
 /// An order as a client asks for it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OrderRequest {
     pub kind: String,
     pub target: String,
@@ -18,6 +19,12 @@ pub struct OrderRequest {
     pub priority: i16,
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// Where to report the outcome (COMPLETED, PARTIAL, CANCELLED, needs attention).
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// `json` (default) or `slack` (a Block Kit message for an incoming-webhook URL).
+    #[serde(default)]
+    pub callback_format: Option<String>,
 }
 
 /// Defaults for what a request leaves out.
@@ -94,6 +101,16 @@ pub fn prepare(
     if !(1..=100).contains(&max_attempts) {
         return Err(field("max_attempts", "must be between 1 and 100"));
     }
+    if !(-100..=100).contains(&req.priority) {
+        return Err(field("priority", "must be between -100 and 100"));
+    }
+    let callback_format = req.callback_format.as_deref().unwrap_or("json");
+    if !matches!(callback_format, "json" | "slack") {
+        return Err(field("callback_format", "must be \"json\" or \"slack\""));
+    }
+    if let Some(url) = &req.callback_url {
+        parse_http_url("callback_url", url)?;
+    }
     if let Some(key) = idempotency_key
         && (key.is_empty() || key.len() > 255 || key.chars().any(char::is_control))
     {
@@ -114,9 +131,58 @@ pub fn prepare(
         canonical_request: serde_json::json!({
             "kind": req.kind, "target": req.target, "quantity": req.quantity,
             "chunk_size": chunk_size, "priority": req.priority, "max_attempts": max_attempts,
+            "callback_url": req.callback_url, "callback_format": callback_format,
         })
         .to_string(),
         trace_context: trace_context.map(str::to_owned),
+        callback_url: req.callback_url.clone(),
+        callback_format: callback_format.to_owned(),
+    })
+}
+
+/// Parses an absolute http(s) URL with a host, or names `field` in the error.
+pub fn parse_http_url(field_name: &'static str, s: &str) -> Result<reqwest::Url, FieldError> {
+    if s.is_empty() || s.len() > 2048 {
+        return Err(field(field_name, "must be a URL of 1 to 2048 bytes"));
+    }
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| field(field_name, format!("is not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(field(field_name, "must be an http:// or https:// URL"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(field(field_name, "must name a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(field(field_name, "must not carry credentials"));
+    }
+    Ok(url)
+}
+
+/// Whether `url`'s host is on the allow-list. Entries are host names (`hooks.example.com`),
+/// optionally with a port (`127.0.0.1:9000`), or a `*.` wildcard for subdomains
+/// (`*.example.com`). Matching is on the name in the URL, case-insensitively.
+pub fn host_allowed(url: &reqwest::Url, allowed: &[String]) -> bool {
+    let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
+        return false;
+    };
+    let port = url.port_or_known_default();
+    allowed.iter().any(|entry| {
+        let entry = entry.trim().to_ascii_lowercase();
+        // `name:port`; IPv6 literals are written in brackets, as in URLs (`[::1]:9000`).
+        let (name, want_port) = match entry.rsplit_once(':') {
+            Some((n, p)) if !n.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                (n.to_owned(), p.parse::<u16>().ok())
+            }
+            _ => (entry.clone(), None),
+        };
+        if want_port.is_some_and(|p| Some(p) != port) {
+            return false;
+        }
+        match name.strip_prefix("*.") {
+            Some(suffix) => host.ends_with(&format!(".{suffix}")),
+            None => host == name,
+        }
     })
 }
 
@@ -143,6 +209,7 @@ mod tests {
             chunk_size: None,
             priority: 0,
             max_attempts: None,
+            ..OrderRequest::default()
         }
     }
 
@@ -175,10 +242,33 @@ mod tests {
             "chunk_size"
         );
         assert_eq!(bad(|r| r.max_attempts = Some(0)), "max_attempts");
+        assert_eq!(bad(|r| r.priority = 101), "priority");
+        assert_eq!(bad(|r| r.callback_url = Some("ftp://x/y".into())), "callback_url");
+        assert_eq!(bad(|r| r.callback_url = Some("not a url".into())), "callback_url");
+        assert_eq!(bad(|r| r.callback_format = Some("xml".into())), "callback_format");
         assert_eq!(
             prepare(&req(), d, Some(""), None).unwrap_err().field,
             "Idempotency-Key"
         );
+    }
+
+    #[test]
+    fn the_allow_list_matches_names_wildcards_and_ports() {
+        let allowed = vec![
+            "hooks.example.com".to_string(),
+            "*.partner.io".to_string(),
+            "127.0.0.1:9000".to_string(),
+        ];
+        let ok = |u: &str| host_allowed(&reqwest::Url::parse(u).unwrap(), &allowed);
+        assert!(ok("https://hooks.example.com/x"));
+        assert!(ok("https://HOOKS.example.com:8443/x"));
+        assert!(ok("https://a.b.partner.io/"));
+        assert!(!ok("https://partner.io/"));
+        assert!(!ok("https://evilpartner.io/"));
+        assert!(!ok("https://hooks.example.com.evil.net/"));
+        assert!(ok("http://127.0.0.1:9000/cb"));
+        assert!(!ok("http://127.0.0.1:9001/cb"));
+        assert!(!ok("http://169.254.169.254/latest/meta-data"));
     }
 
     #[test]

@@ -24,12 +24,15 @@
 
 pub mod app;
 pub mod bench;
+pub mod callbacks;
 pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod generator;
 pub mod handler;
+pub mod http;
 pub mod intake;
+pub mod kinds;
 pub mod leader;
 pub mod pgtemp;
 pub mod shutdown;

@@ -218,6 +218,14 @@ impl Sweeper {
                 let now = Instant::now();
                 log_err("rescue", self.rescue_once().await);
                 log_err("finalise", self.finalise_once().await);
+                log_err(
+                    "close-out",
+                    self.store.close_out_finished_orders(100, &self.actor).await,
+                );
+                log_err(
+                    "callback queueing",
+                    self.store.enqueue_callbacks(500, CALLBACK_ATTEMPTS).await,
+                );
                 if now.duration_since(last_audit) >= self.config.audit_interval {
                     last_audit = now;
                     log_err("audit", self.audit_once().await);
@@ -240,6 +248,9 @@ impl Sweeper {
         leadership.release().await;
     }
 }
+
+/// Attempts per order notification (backoff 2 s doubling to 10 min: about 30 minutes).
+pub const CALLBACK_ATTEMPTS: i32 = 8;
 
 fn log_err<T>(what: &str, r: Result<T, StoreError>) {
     if let Err(e) = r {

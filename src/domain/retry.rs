@@ -84,6 +84,10 @@ impl Backoff {
         (raw.mul_f64(1.0 - self.jitter), raw)
     }
 
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
     pub fn base(&self) -> Duration {
         self.base
     }

@@ -5,6 +5,7 @@
 //! error. It never touches the database: the worker records the outcome.
 
 mod simulate;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub use simulate::{Simulate, SimulateConfig};
+pub use webhook::{Webhook, WebhookSettings};
 
 use crate::domain::ErrorClass;
 

@@ -6,8 +6,13 @@
 //! every call is additionally bounded on the client side ([`Store::call`]), so a half-open
 //! socket can stall one call, never a loop.
 
+mod admin;
+mod callbacks;
 mod control;
+mod keys;
+mod kinds;
 mod leader;
+mod ops;
 mod orders;
 mod sweep;
 mod tasks;
@@ -20,7 +25,14 @@ use std::time::Duration;
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+pub use admin::{
+    CapacityRow, ControlRow, HealthRow, OrphanRow, RecordedChecks, TaskRow, TransitionRow, WorkerRow,
+};
+pub use callbacks::{CallbackJob, CallbackResult, CallbackRow};
+pub use keys::{ApiKeyRow, AuditRow, NewAudit};
+pub use kinds::{DeleteKind, KindRow};
 pub use leader::LeaseGrant;
+pub use ops::{ActionOutcome, OrderAction};
 pub use orders::{GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, IntakeOutcome, NewOrder, OrderRow};
 pub use sweep::{ExpiredTask, RetentionReport};
 pub use tasks::{ClaimedTask, TaskUpdate, UpdateFence};

@@ -23,6 +23,9 @@ pub struct NewOrder {
     /// Canonical form of the request, hashed to tell a replay from a conflicting reuse.
     pub canonical_request: String,
     pub trace_context: Option<String>,
+    /// Where to report the outcome, and in which format (`json` or `slack`).
+    pub callback_url: Option<String>,
+    pub callback_format: String,
 }
 
 /// What intake did with a request.
@@ -51,6 +54,11 @@ pub struct OrderRow {
     pub failed_permanent_units: i64,
     pub cancelled_units: i64,
     pub needs_attention: bool,
+    pub paused: bool,
+    pub callback_url: Option<String>,
+    pub callback_format: String,
+    pub client_key: Option<String>,
+    pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub generated_at: Option<DateTime<Utc>>,
@@ -61,8 +69,9 @@ pub struct OrderRow {
 macro_rules! order_columns {
     () => {
         "id, kind, target, quantity, chunk_size, task_count, priority, max_attempts, status, \
-         delivered, failed_permanent_units, cancelled_units, needs_attention, created_at, \
-         updated_at, generated_at, finished_at"
+         delivered, failed_permanent_units, cancelled_units, needs_attention, paused, \
+         callback_url, callback_format, client_key, version, created_at, updated_at, \
+         generated_at, finished_at"
     };
 }
 
@@ -79,8 +88,8 @@ WITH led AS (
 ),
 ins AS (
     INSERT INTO orders (id, kind, target, quantity, chunk_size, task_count, priority,
-                        max_attempts, client_key, trace_context)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10, $9 FROM led WHERE led.inserted
+                        max_attempts, client_key, trace_context, callback_url, callback_format)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10, $9, $12, $13 FROM led WHERE led.inserted
     RETURNING id
 ),
 wake AS (SELECT pg_notify('tally_orders', '') FROM ins)
@@ -93,8 +102,8 @@ FROM led
 const INTAKE: &str = r#"
 WITH ins AS (
     INSERT INTO orders (id, kind, target, quantity, chunk_size, task_count, priority,
-                        max_attempts, trace_context)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                        max_attempts, trace_context, callback_url, callback_format)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
     RETURNING id
 ),
 wake AS (SELECT pg_notify('tally_orders', '') FROM ins)
@@ -177,6 +186,8 @@ impl Store {
                             .bind(order.priority)
                             .bind(order.max_attempts)
                             .bind(&order.trace_context)
+                            .bind(&order.callback_url)
+                            .bind(&order.callback_format)
                             .fetch_one(self.pool())
                             .await
                     })
@@ -198,6 +209,8 @@ impl Store {
                             .bind(&order.trace_context)
                             .bind(key)
                             .bind(&order.canonical_request)
+                            .bind(&order.callback_url)
+                            .bind(&order.callback_format)
                             .fetch_one(self.pool())
                             .await
                     })
@@ -267,6 +280,32 @@ impl Store {
             sqlx::query_as::<_, OrderRow>(SQL)
                 .bind(id)
                 .fetch_optional(self.pool())
+                .await
+        })
+        .await
+    }
+
+    /// Orders newest first (ids are UUIDv7, so id order is creation order), after `before`.
+    pub async fn list_orders(
+        &self,
+        status: Option<&str>,
+        kind: Option<&str>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<OrderRow>, StoreError> {
+        const SQL: &str = concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR kind = $2) \
+             AND ($3::uuid IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+        );
+        self.call("listing orders", async {
+            sqlx::query_as::<_, OrderRow>(SQL)
+                .bind(status)
+                .bind(kind)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
                 .await
         })
         .await

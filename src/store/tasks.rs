@@ -67,7 +67,8 @@ pub enum UpdateFence {
 /// `order_tasks_claim_idx` (priority, then `seq`, so tasks of different orders
 /// interleave: a small order's first task competes with a giant order's next one, not its
 /// last). Picking in a CTE means Postgres cannot update more rows than the `LIMIT`.
-/// The global pause and batch-size override from `tally_control` apply in the same statement.
+/// The global pause and batch-size override from `tally_control`, paused orders and paused
+/// kinds apply in the same statement, so a pause takes effect at the next claim.
 const CLAIM: &str = r#"
 WITH ctl AS (
     SELECT paused, batch_size_override FROM tally_control WHERE id
@@ -79,6 +80,10 @@ picked AS MATERIALIZED (
       AND t.retry_after <= now()
       AND t.kind = ANY($3)
       AND NOT coalesce((SELECT paused FROM ctl), false)
+      -- Held orders (paused, or closed with attempts still running) and paused kinds: both
+      -- lists are tiny (partial index / small table) and computed once per statement.
+      AND t.order_id <> ALL(ARRAY(SELECT id FROM orders WHERE paused))
+      AND t.kind <> ALL(ARRAY(SELECT name FROM kinds WHERE paused))
     ORDER BY t.priority DESC, t.seq, t.id
     LIMIT least($2, coalesce((SELECT batch_size_override FROM ctl), $2))
     FOR UPDATE SKIP LOCKED

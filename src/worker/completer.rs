@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::Finished;
 use crate::domain::state::{Transition, decide};
-use crate::domain::{Backoff, TaskStatus};
+use crate::domain::TaskStatus;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{Store, TaskUpdate, UpdateFence};
@@ -20,7 +20,6 @@ const BATCH_MAX: usize = 500;
 pub(super) async fn run(
     store: Store,
     mut rx: mpsc::Receiver<Finished>,
-    backoff: Backoff,
     actor: String,
     stats: Arc<Stats>,
     hard_stop: Shutdown,
@@ -39,7 +38,7 @@ pub(super) async fn run(
             .iter()
             .filter_map(|f| {
                 let draw = fastrand::f64();
-                match decide(&f.task.snapshot(), &f.event, &backoff, draw) {
+                match decide(&f.task.snapshot(), &f.event, &f.backoff, draw) {
                     Ok(transition) => Some(TaskUpdate {
                         task_id: f.task.id,
                         claim_token: f.task.claim_token,

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-use crate::domain::{ErrorClass, TaskEvent};
-use crate::handler::{Handler, HandlerError, TaskInput};
+use crate::domain::{Backoff, ErrorClass, TaskEvent};
+use crate::handler::{HandlerError, TaskInput};
+use crate::kinds::KindRuntime;
 use crate::shutdown::Shutdown;
 use crate::store::ClaimedTask;
 
@@ -15,12 +16,15 @@ pub struct Finished {
     pub task: ClaimedTask,
     pub event: TaskEvent,
     pub error: Option<String>,
+    /// The kind's retry delays.
+    pub backoff: Backoff,
     pub permit: OwnedSemaphorePermit,
 }
 
 pub(super) async fn execute(
     task: ClaimedTask,
-    handler: Option<Arc<dyn Handler>>,
+    kind: Option<Arc<KindRuntime>>,
+    fault_rate: f64,
     permit: OwnedSemaphorePermit,
     claim_timeout: Duration,
     out: mpsc::Sender<Finished>,
@@ -37,19 +41,32 @@ pub(super) async fn execute(
         idempotency_key: task.idempotency_key(),
         trace_context: task.trace_context.clone(),
     };
-    let result = match handler {
+    let backoff = kind.as_ref().map_or(Backoff::DEFAULT, |k| k.backoff);
+    let result = match kind {
         None => Err(HandlerError::new(
             ErrorClass::ValidationError,
             format!("no handler for kind {:?} in this worker", task.kind),
         )),
-        Some(h) => {
+        Some(_) if fault_rate > 0.0 && fastrand::f64() < fault_rate => Err(HandlerError::new(
+            ErrorClass::NetworkError,
+            "injected fault (fault injection is enabled: /api/admin/testing)",
+        )),
+        Some(k) => {
+            // The kind's concurrency limit (the claim time counts against the claim timeout).
+            let attempt = async {
+                let _kind_permit = match &k.limit {
+                    Some(s) => s.clone().acquire_owned().await.ok(),
+                    None => None,
+                };
+                k.handler.deliver(&input).await
+            };
             tokio::select! {
                 biased;
                 _ = hard_stop.wait() => {
-                    let _ = out.send(Finished { task, event: TaskEvent::HandedBack, error: None, permit }).await;
+                    let _ = out.send(Finished { task, event: TaskEvent::HandedBack, error: None, backoff, permit }).await;
                     return;
                 }
-                r = tokio::time::timeout(claim_timeout, h.deliver(&input)) => match r {
+                r = tokio::time::timeout(claim_timeout, attempt) => match r {
                     Ok(r) => r,
                     Err(_) => Err(HandlerError::new(
                         ErrorClass::TimeoutError,
@@ -77,6 +94,7 @@ pub(super) async fn execute(
             task,
             event,
             error,
+            backoff,
             permit,
         })
         .await;

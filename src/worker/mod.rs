@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::domain::Backoff;
 use crate::handler::Handlers;
+use crate::kinds::Catalog;
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
 use crate::store::{Store, TASKS_CHANNEL};
@@ -82,12 +83,16 @@ pub struct WorkerReport {
 pub struct Worker {
     store: Store,
     config: WorkerConfig,
-    handlers: Arc<Handlers>,
+    catalog: Arc<Catalog>,
     id: Uuid,
     stats: Arc<Stats>,
 }
 
+/// How often a worker reloads kinds and the fault-injection switch.
+const CATALOG_REFRESH: Duration = Duration::from_secs(2);
+
 impl Worker {
+    /// A worker that runs exactly `handlers` (stored kinds are ignored).
     pub fn new(
         store: Store,
         config: WorkerConfig,
@@ -95,10 +100,27 @@ impl Worker {
         id: Uuid,
         stats: Arc<Stats>,
     ) -> Self {
+        let catalog = Catalog::new(
+            handlers,
+            config.backoff,
+            crate::handler::SimulateConfig::default(),
+            false,
+        );
+        Self::with_catalog(store, config, Arc::new(catalog), id, stats)
+    }
+
+    /// A worker that runs the kinds of `catalog` (refreshed while it runs).
+    pub fn with_catalog(
+        store: Store,
+        config: WorkerConfig,
+        catalog: Arc<Catalog>,
+        id: Uuid,
+        stats: Arc<Stats>,
+    ) -> Self {
         Self {
             store,
             config,
-            handlers: Arc::new(handlers),
+            catalog,
             id,
             stats,
         }
@@ -107,7 +129,14 @@ impl Worker {
     /// Runs until `shutdown` fires, then drains as described in the module docs.
     pub async fn run(self, shutdown: Shutdown) -> WorkerReport {
         let cfg = &self.config;
-        let kinds = self.handlers.kinds();
+        if let Err(e) = self.catalog.refresh(&self.store).await {
+            tracing::warn!(error = %e, "loading kinds failed; retrying in the background");
+        }
+        let refresher = tokio::spawn(refresh(
+            self.store.clone(),
+            self.catalog.clone(),
+            shutdown.clone(),
+        ));
         let slots = Arc::new(Semaphore::new(cfg.concurrency_max as usize));
         let wake = Arc::new(Notify::new());
         // Cancels attempts still running when the grace period ends.
@@ -120,7 +149,6 @@ impl Worker {
         let completer = tokio::spawn(completer::run(
             self.store.clone(),
             rx,
-            cfg.backoff,
             self.id.to_string(),
             self.stats.clone(),
             hard_stop.clone(),
@@ -128,6 +156,7 @@ impl Worker {
 
         let mut report = WorkerReport::default();
         let mut db_backoff = Duration::from_millis(100);
+        let kinds = self.catalog.snapshot().claimable_kinds();
         tracing::info!(worker.id = %self.id, ?kinds, concurrency = cfg.concurrency_max, batch = cfg.batch_size_max, "worker started");
         'claiming: while !shutdown.is_triggered() {
             // Wait for at least one free slot, then take as many as are free, up to a batch.
@@ -143,6 +172,17 @@ impl Worker {
                 }
             }
             let want = permits.len() as u32;
+            let catalog = self.catalog.snapshot();
+            let kinds = catalog.claimable_kinds();
+            if kinds.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                    _ = shutdown.wait() => break,
+                }
+                continue;
+            }
             let claimed = match self
                 .store
                 .claim_tasks(self.id, want, &kinds, cfg.lease_ttl)
@@ -168,10 +208,11 @@ impl Worker {
             report.claimed += u64::from(got);
             for task in claimed {
                 let permit = permits.pop().expect("one permit per claimed task");
-                let handler = self.handlers.get(&task.kind).cloned();
+                let runtime = catalog.kinds.get(&task.kind).cloned();
                 tokio::spawn(executor::execute(
                     task,
-                    handler,
+                    runtime,
+                    catalog.fault_rate,
                     permit,
                     cfg.claim_timeout,
                     tx.clone(),
@@ -212,9 +253,23 @@ impl Worker {
         if let Some(l) = listener {
             l.abort();
         }
+        refresher.abort();
         drop(hard_stop_trigger);
         tracing::info!(worker.id = %self.id, claimed = report.claimed, handed_back = report.handed_back, "worker stopped");
         report
+    }
+}
+
+/// Reloads the catalog every [`CATALOG_REFRESH`] until shutdown.
+async fn refresh(store: Store, catalog: Arc<Catalog>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CATALOG_REFRESH) => {}
+            _ = shutdown.wait() => return,
+        }
+        if let Err(e) = catalog.refresh(&store).await {
+            tracing::debug!(error = %e, "reloading kinds failed; keeping the last catalog");
+        }
     }
 }
 

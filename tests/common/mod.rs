@@ -168,6 +168,7 @@ impl OrderSpec {
             chunk_size: Some(self.chunk_size),
             priority: self.priority,
             max_attempts: Some(self.max_attempts),
+            ..Default::default()
         };
         match tally::intake::submit(store, &req, IntakeDefaults::default(), None)
             .await
