@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use crate::config::{Role, ServeSettings};
 use crate::generator::Generator;
-use crate::handler::{Handlers, Simulate};
+use crate::handler::Handlers;
+use crate::kinds::Catalog;
 use crate::leader::{Leadership, PgElector};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -19,22 +20,15 @@ use crate::worker::Worker;
 /// Name of the sweeper's leader lease.
 pub const SWEEPER_LEASE: &str = "sweeper";
 
-/// The handlers built into this binary.
-pub fn builtin_handlers(settings: &ServeSettings) -> Handlers {
-    Handlers::new().with(
-        "simulate",
-        Arc::new(Simulate::new(settings.simulate.clone())),
-    )
-}
-
 /// Runs the roles in `settings` until `shutdown` fires; returns once they have drained.
 pub async fn serve(settings: ServeSettings, shutdown: Shutdown) -> anyhow::Result<()> {
     let store = Store::connect_lazy(&settings.store)?;
-    let handlers = builtin_handlers(&settings);
-    run_roles(store, settings, handlers, Uuid::new_v4(), shutdown).await
+    // Built-in handlers are chosen per stored kind (see `kinds::Catalog`).
+    run_roles(store, settings, Handlers::new(), Uuid::new_v4(), shutdown).await
 }
 
-/// Like [`serve`], with the store, handlers and process id given (tests use this).
+/// Like [`serve`], with the store, fixed handlers (which take precedence over stored kinds of
+/// the same name) and process id given (tests use this).
 pub async fn run_roles(
     store: Store,
     settings: ServeSettings,
@@ -42,9 +36,29 @@ pub async fn run_roles(
     process_id: Uuid,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    // The API listens first: /livez answers at once and /readyz says "not ready" until the
+    // migrations are in. A port that cannot be bound is a start-up error.
+    let api = if settings.roles.contains(&Role::Api) {
+        let addr = settings.api.addr;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("TALLY_API_ADDR {addr}: cannot listen: {e}"))?;
+        let (store, config, shutdown) = (store.clone(), settings.api.clone(), shutdown.clone());
+        Some(tokio::spawn(async move {
+            if let Err(e) = crate::api::serve_on(listener, store, config, shutdown).await {
+                tracing::error!(error = %e, "the API stopped");
+            }
+        }))
+    } else {
+        None
+    };
     if !wait_for_schema(&store, &shutdown).await {
+        if let Some(api) = api {
+            let _ = api.await;
+        }
         return Ok(());
     }
+    setup_kinds(&store, &settings).await;
     let roles = settings
         .roles
         .iter()
@@ -57,6 +71,11 @@ pub async fn run_roles(
         pid: std::process::id() as i32,
         roles,
         version: env!("CARGO_PKG_VERSION").into(),
+        concurrency: if settings.roles.contains(&Role::Worker) {
+            settings.worker.concurrency_max as i32
+        } else {
+            0
+        },
     };
     let lease = settings.worker.lease_ttl;
     while let Err(e) = store.register_worker(&reg, lease).await {
@@ -80,24 +99,38 @@ pub async fn run_roles(
         hb_stop,
     ));
 
+    let catalog = Arc::new(Catalog::new(
+        handlers,
+        settings.worker.backoff,
+        settings.simulate.clone(),
+        true,
+    ));
     let mut roles = Vec::new();
     for role in &settings.roles {
         let shutdown = shutdown.clone();
         roles.push(match role {
+            // Started above, before the schema wait.
+            Role::Api => continue,
             Role::Generator => {
                 let g = Generator::new(store.clone(), settings.generator.clone(), actor.clone());
                 tokio::spawn(g.run(shutdown))
             }
             Role::Worker => {
-                let w = Worker::new(
+                let w = Worker::with_catalog(
                     store.clone(),
                     settings.worker.clone(),
-                    handlers.clone(),
+                    catalog.clone(),
                     process_id,
                     stats.clone(),
                 );
+                let callbacks = tokio::spawn(crate::callbacks::run(
+                    store.clone(),
+                    settings.callbacks.clone(),
+                    shutdown.clone(),
+                ));
                 tokio::spawn(async move {
                     w.run(shutdown).await;
+                    let _ = callbacks.await;
                 })
             }
             Role::Sweeper => {
@@ -122,6 +155,9 @@ pub async fn run_roles(
             tracing::error!(error = %e, "a role panicked");
         }
     }
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     hb_stop_trigger.fire();
     let _ = heartbeat.await;
     if let Err(e) = store.deregister_worker(process_id, stats.counters()).await {
@@ -129,6 +165,31 @@ pub async fn run_roles(
     }
     tracing::info!(process.id = %process_id, "tally stopped");
     Ok(())
+}
+
+/// Applies `TALLY_KINDS_FILE` and `TALLY_SIMULATE_KIND`. Idempotent, so every replica does
+/// it at start; a failure is logged and the stored kinds stay as they were.
+async fn setup_kinds(store: &Store, settings: &ServeSettings) {
+    for kind in &settings.kinds {
+        match store.put_kind(kind).await {
+            Ok(_) => {
+                tracing::info!(kind = %kind.name, handler = %kind.handler, "kind loaded from TALLY_KINDS_FILE")
+            }
+            Err(e) => {
+                tracing::error!(kind = %kind.name, error = %e, "loading a kind from TALLY_KINDS_FILE failed")
+            }
+        }
+    }
+    if !settings.simulate_kind {
+        match store.delete_kind("simulate").await {
+            Ok(crate::store::DeleteKind::InUse(n)) => tracing::warn!(
+                orders = n,
+                "TALLY_SIMULATE_KIND=false: the simulate kind still has unfinished orders; kept"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "removing the simulate kind failed"),
+        }
+    }
 }
 
 /// Waits until the migrations are applied (by `tally migrate` or the chart's hook) rather

@@ -99,8 +99,12 @@ pub async fn deliver(
         Ok(u) => u,
         Err(e) => return fail(None, e.to_string()),
     };
-    if !config.allowed_hosts.is_empty() && !crate::intake::host_allowed(&url, &config.allowed_hosts) {
-        return fail(None, "callback host is not in TALLY_CALLBACK_ALLOWED_HOSTS".into());
+    if !config.allowed_hosts.is_empty() && !crate::intake::host_allowed(&url, &config.allowed_hosts)
+    {
+        return fail(
+            None,
+            "callback host is not in TALLY_CALLBACK_ALLOWED_HOSTS".into(),
+        );
     }
     let body = match job.format.as_str() {
         "slack" => slack_message(&job.payload),
@@ -114,9 +118,10 @@ pub async fn deliver(
         .header("idempotency-key", format!("tally-callback-{}", job.id));
     if let Some(secret) = &config.signing_secret {
         let ts = chrono::Utc::now().timestamp();
-        req = req
-            .header("x-tally-timestamp", ts.to_string())
-            .header("x-tally-signature", crate::http::signature(secret.as_bytes(), ts, &body));
+        req = req.header("x-tally-timestamp", ts.to_string()).header(
+            "x-tally-signature",
+            crate::http::signature(secret.as_bytes(), ts, &body),
+        );
     }
     match req.body(body).send().await {
         Ok(resp) if resp.status().is_success() => CallbackResult {
@@ -134,7 +139,10 @@ pub async fn deliver(
                 .and_then(crate::http::parse_retry_after);
             CallbackResult {
                 retry_in: wait.map_or(retry_in, |w| w.min(Duration::from_secs(3600))),
-                ..fail(Some(i32::from(status.as_u16())), format!("receiver answered {status}"))
+                ..fail(
+                    Some(i32::from(status.as_u16())),
+                    format!("receiver answered {status}"),
+                )
             }
         }
         Err(e) => fail(None, format!("receiver unreachable: {e}")),
@@ -152,7 +160,9 @@ pub fn slack_message(payload: &Value) -> Value {
         _ => ":rotating_light:",
     };
     let headline = match event {
-        "NEEDS_ATTENTION" => "Order needs attention: every remaining task is dead-lettered".to_string(),
+        "NEEDS_ATTENTION" => {
+            "Order needs attention: every remaining task is dead-lettered".to_string()
+        }
         other => format!("Order {}", other.to_lowercase()),
     };
     let field = |label: &str, value: String| json!({"type": "mrkdwn", "text": format!("*{label}*\n{value}")});
@@ -191,6 +201,11 @@ mod tests {
         let blocks = m["blocks"].as_array().unwrap();
         assert_eq!(blocks[0]["type"], "header");
         assert_eq!(blocks[1]["fields"].as_array().unwrap().len(), 6);
-        assert!(blocks[1]["fields"][3]["text"].as_str().unwrap().contains("10 / 10"));
+        assert!(
+            blocks[1]["fields"][3]["text"]
+                .as_str()
+                .unwrap()
+                .contains("10 / 10")
+        );
     }
 }

@@ -113,6 +113,7 @@ impl DbArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Role {
+    Api,
     Generator,
     Worker,
     Sweeper,
@@ -126,11 +127,13 @@ pub struct ServeArgs {
         env = "TALLY_ROLES",
         value_enum,
         value_delimiter = ',',
-        default_value = "generator,worker,sweeper"
+        default_value = "api,generator,worker,sweeper"
     )]
     pub roles: Vec<Role>,
     #[command(flatten)]
     pub db: DbArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(flatten)]
     pub worker: WorkerArgs,
     #[command(flatten)]
@@ -139,6 +142,42 @@ pub struct ServeArgs {
     pub sweeper: SweeperArgs,
     #[command(flatten)]
     pub simulate: SimulateArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Where the API (and /livez, /readyz) listens.
+    #[arg(long, env = "TALLY_API_ADDR", default_value = "127.0.0.1:8080",
+          value_parser = socket_addr("TALLY_API_ADDR"))]
+    pub api_addr: std::net::SocketAddr,
+    /// Bootstrap admin API key (at least 16 printable characters); from a Secret on Kubernetes.
+    #[arg(long, env = "TALLY_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+    /// Kinds to create or update at start: a JSON object of name → kind (see README).
+    #[arg(long, env = "TALLY_KINDS_FILE")]
+    pub kinds_file: Option<std::path::PathBuf>,
+    /// Keep the built-in `simulate` kind (false removes it at start when no order uses it).
+    #[arg(long, env = "TALLY_SIMULATE_KIND", default_value_t = true, action = clap::ArgAction::Set)]
+    pub simulate_kind: bool,
+    /// Allow /api/admin/testing/enable to switch fault injection on.
+    #[arg(long, env = "TALLY_FAULT_INJECTION_ALLOWED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub fault_injection_allowed: bool,
+    /// Hosts order callback URLs may name, comma-separated (empty: any).
+    #[arg(long, env = "TALLY_CALLBACK_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub callback_allowed_hosts: Vec<String>,
+    /// Signs order callbacks (X-Tally-Signature), like webhook kinds' signing_secret.
+    #[arg(long, env = "TALLY_CALLBACK_SIGNING_SECRET", hide_env_values = true)]
+    pub callback_signing_secret: Option<String>,
+}
+
+fn socket_addr(
+    env: &'static str,
+) -> impl Fn(&str) -> Result<std::net::SocketAddr, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        s.trim().parse().map_err(|_| {
+            format!("{env} must be an address like 127.0.0.1:8080 or 0.0.0.0:8080, got {s:?}")
+        })
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -298,6 +337,12 @@ pub struct ServeSettings {
     pub sweeper: SweeperConfig,
     pub leader_ttl: Duration,
     pub simulate: SimulateConfig,
+    pub api: crate::api::ApiConfig,
+    pub callbacks: crate::callbacks::CallbackConfig,
+    /// Kinds to create or update at start.
+    pub kinds: Vec<crate::store::KindRow>,
+    /// Keep the built-in `simulate` kind.
+    pub simulate_kind: bool,
 }
 
 impl ServeArgs {
@@ -321,6 +366,38 @@ impl ServeArgs {
             return Err("TALLY_CLAIM_TIMEOUT_SEC must be at least 0.1".into());
         }
         let poll = Duration::from_millis(w.poll_interval_ms);
+        let a = &self.api;
+        if let Some(k) = &a.admin_api_key
+            && !crate::api::auth::well_formed(k)
+        {
+            return Err("TALLY_ADMIN_API_KEY must be 16 to 256 printable ASCII characters".into());
+        }
+        if let Some(s) = &a.callback_signing_secret
+            && !(16..=512).contains(&s.len())
+        {
+            return Err("TALLY_CALLBACK_SIGNING_SECRET must be 16 to 512 bytes".into());
+        }
+        let callback_hosts: Vec<String> = a
+            .callback_allowed_hosts
+            .iter()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .collect();
+        let kind_defaults = crate::kinds::KindDefaults {
+            max_attempts: self.retry.max_retries as i32,
+            chunk_size: self.retry.default_chunk_size as i32,
+            backoff_base_sec: self.retry.backoff_base_sec,
+            backoff_multiplier: self.retry.backoff_multiplier,
+            backoff_max_sec: self.retry.backoff_max_sec,
+        };
+        let kinds = match &a.kinds_file {
+            None => Vec::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("TALLY_KINDS_FILE {}: {e}", path.display()))?;
+                crate::kinds::parse_kinds_file(&text, &kind_defaults)?
+            }
+        };
         Ok(ServeSettings {
             roles,
             store: self.db.store_options("tally")?,
@@ -351,6 +428,23 @@ impl ServeArgs {
             },
             leader_ttl: secs(self.sweeper.leader_ttl_sec),
             simulate: self.simulate.config()?,
+            api: crate::api::ApiConfig {
+                addr: a.api_addr,
+                admin_key: a.admin_api_key.clone(),
+                fault_injection_allowed: a.fault_injection_allowed,
+                callback_allowed_hosts: callback_hosts.clone(),
+                kind_defaults,
+                stuck_task_after: Duration::from_secs(300),
+                stuck_order_after: secs(self.sweeper.stuck_order_hours * 3600.0),
+            },
+            callbacks: crate::callbacks::CallbackConfig {
+                allowed_hosts: callback_hosts,
+                signing_secret: a.callback_signing_secret.clone(),
+                poll_interval: poll.min(Duration::from_millis(500)),
+                ..Default::default()
+            },
+            kinds,
+            simulate_kind: a.simulate_kind,
         })
     }
 }
@@ -372,7 +466,11 @@ mod tests {
             panic!("serve expected")
         };
         let st = s.settings().unwrap();
-        assert_eq!(st.roles, vec![Role::Generator, Role::Worker, Role::Sweeper]);
+        assert_eq!(
+            st.roles,
+            vec![Role::Api, Role::Generator, Role::Worker, Role::Sweeper]
+        );
+        assert_eq!(st.api.addr.to_string(), "127.0.0.1:8080");
         assert_eq!(st.worker.claim_timeout, Duration::from_secs(300));
         assert_eq!(s.retry.max_retries, 3);
         assert_eq!(s.retry.default_chunk_size, 400);

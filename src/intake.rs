@@ -171,7 +171,9 @@ pub fn host_allowed(url: &reqwest::Url, allowed: &[String]) -> bool {
         let entry = entry.trim().to_ascii_lowercase();
         // `name:port`; IPv6 literals are written in brackets, as in URLs (`[::1]:9000`).
         let (name, want_port) = match entry.rsplit_once(':') {
-            Some((n, p)) if !n.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((n, p))
+                if !n.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
+            {
                 (n.to_owned(), p.parse::<u16>().ok())
             }
             _ => (entry.clone(), None),
@@ -243,9 +245,18 @@ mod tests {
         );
         assert_eq!(bad(|r| r.max_attempts = Some(0)), "max_attempts");
         assert_eq!(bad(|r| r.priority = 101), "priority");
-        assert_eq!(bad(|r| r.callback_url = Some("ftp://x/y".into())), "callback_url");
-        assert_eq!(bad(|r| r.callback_url = Some("not a url".into())), "callback_url");
-        assert_eq!(bad(|r| r.callback_format = Some("xml".into())), "callback_format");
+        assert_eq!(
+            bad(|r| r.callback_url = Some("ftp://x/y".into())),
+            "callback_url"
+        );
+        assert_eq!(
+            bad(|r| r.callback_url = Some("not a url".into())),
+            "callback_url"
+        );
+        assert_eq!(
+            bad(|r| r.callback_format = Some("xml".into())),
+            "callback_format"
+        );
         assert_eq!(
             prepare(&req(), d, Some(""), None).unwrap_err().field,
             "Idempotency-Key"

@@ -108,6 +108,29 @@ impl From<&KindRow> for KindView {
     }
 }
 
+/// Policy for kinds created without it (from `TALLY_MAX_RETRIES`, `TALLY_DEFAULT_CHUNK_SIZE`,
+/// `TALLY_BACKOFF_*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KindDefaults {
+    pub max_attempts: i32,
+    pub chunk_size: i32,
+    pub backoff_base_sec: f64,
+    pub backoff_multiplier: f64,
+    pub backoff_max_sec: f64,
+}
+
+impl Default for KindDefaults {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            chunk_size: 400,
+            backoff_base_sec: 5.0,
+            backoff_multiplier: 2.0,
+            backoff_max_sec: 3600.0,
+        }
+    }
+}
+
 fn err(field: &'static str, message: impl Into<String>) -> FieldError {
     FieldError {
         field,
@@ -125,7 +148,7 @@ pub fn valid_name(name: &str) -> bool {
 
 impl KindSpec {
     /// Validates the spec field by field and builds the row to store.
-    pub fn to_row(&self, name: &str) -> Result<KindRow, FieldError> {
+    pub fn to_row(&self, name: &str, d: &KindDefaults) -> Result<KindRow, FieldError> {
         if !valid_name(name) {
             return Err(err(
                 "name",
@@ -143,33 +166,39 @@ impl KindSpec {
             ("webhook", Some(w)) => Some(w.validate()?),
             _ => return Err(err("handler", "must be \"simulate\" or \"webhook\"")),
         };
-        let max_attempts = self.max_attempts.unwrap_or(3);
+        let max_attempts = self.max_attempts.unwrap_or(d.max_attempts);
         if !(1..=100).contains(&max_attempts) {
             return Err(err("max_attempts", "must be between 1 and 100"));
         }
-        let base = self.backoff_base_sec.unwrap_or(5.0);
+        let base = self.backoff_base_sec.unwrap_or(d.backoff_base_sec);
         if !(0.001..=86_400.0).contains(&base) {
             return Err(err("backoff_base_sec", "must be between 0.001 and 86400"));
         }
-        let mult = self.backoff_multiplier.unwrap_or(2.0);
+        let mult = self.backoff_multiplier.unwrap_or(d.backoff_multiplier);
         if !(1.0..=10.0).contains(&mult) {
             return Err(err("backoff_multiplier", "must be between 1 and 10"));
         }
-        let max = self.backoff_max_sec.unwrap_or(3600.0_f64.max(base));
+        let max = self.backoff_max_sec.unwrap_or(d.backoff_max_sec.max(base));
         if !(0.001..=604_800.0).contains(&max) {
             return Err(err("backoff_max_sec", "must be between 0.001 and 604800"));
         }
         if max < base {
-            return Err(err("backoff_max_sec", "must not be less than backoff_base_sec"));
+            return Err(err(
+                "backoff_max_sec",
+                "must not be less than backoff_base_sec",
+            ));
         }
-        let chunk = self.default_chunk_size.unwrap_or(400);
+        let chunk = self.default_chunk_size.unwrap_or(d.chunk_size);
         if !(1..=crate::domain::chunk::CHUNK_SIZE_MAX as i32).contains(&chunk) {
             return Err(err("default_chunk_size", "must be between 1 and 1000000"));
         }
         if let Some(c) = self.concurrency_limit
             && !(1..=10_000).contains(&c)
         {
-            return Err(err("concurrency_limit", "must be between 1 and 10000, or null"));
+            return Err(err(
+                "concurrency_limit",
+                "must be between 1 and 10000, or null",
+            ));
         }
         Ok(KindRow {
             name: name.to_owned(),
@@ -193,14 +222,20 @@ impl WebhookSpec {
         let allowed = self.allowed_hosts.clone().unwrap_or_default();
         for h in &allowed {
             if h.trim().is_empty() || h.len() > 255 || h.contains('/') {
-                return Err(err("webhook.allowed_hosts", "entries are host names, host:port or *.domain"));
+                return Err(err(
+                    "webhook.allowed_hosts",
+                    "entries are host names, host:port or *.domain",
+                ));
             }
         }
         match &self.url {
             Some(u) => {
                 let url = crate::intake::parse_http_url("webhook.url", u)?;
                 if !allowed.is_empty() && !crate::intake::host_allowed(&url, &allowed) {
-                    return Err(err("webhook.url", "its host is not in webhook.allowed_hosts"));
+                    return Err(err(
+                        "webhook.url",
+                        "its host is not in webhook.allowed_hosts",
+                    ));
                 }
             }
             None if allowed.is_empty() => {
@@ -223,17 +258,29 @@ impl WebhookSpec {
         let headers = self.headers.clone().unwrap_or_default();
         for (k, v) in &headers {
             let name_ok = !k.is_empty()
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             let reserved = matches!(
                 k.to_ascii_lowercase().as_str(),
-                "content-type" | "content-length" | "host" | "idempotency-key" | "traceparent"
-                    | "x-tally-signature" | "x-tally-timestamp"
+                "content-type"
+                    | "content-length"
+                    | "host"
+                    | "idempotency-key"
+                    | "traceparent"
+                    | "x-tally-signature"
+                    | "x-tally-timestamp"
             );
             if !name_ok || reserved {
-                return Err(err("webhook.headers", format!("{k:?} is not an allowed header name")));
+                return Err(err(
+                    "webhook.headers",
+                    format!("{k:?} is not an allowed header name"),
+                ));
             }
             if v.chars().any(char::is_control) {
-                return Err(err("webhook.headers", format!("the value of {k:?} has control characters")));
+                return Err(err(
+                    "webhook.headers",
+                    format!("the value of {k:?} has control characters"),
+                ));
             }
         }
         Ok(WebhookSettings {
@@ -248,13 +295,13 @@ impl WebhookSpec {
 
 /// Kinds loaded at start from a file (`TALLY_KINDS_FILE`, e.g. a Helm ConfigMap): a JSON
 /// object of name → spec.
-pub fn parse_kinds_file(text: &str) -> Result<Vec<KindRow>, String> {
+pub fn parse_kinds_file(text: &str, d: &KindDefaults) -> Result<Vec<KindRow>, String> {
     let specs: BTreeMap<String, KindSpec> =
         serde_json::from_str(text).map_err(|e| format!("TALLY_KINDS_FILE is not valid: {e}"))?;
     specs
         .iter()
         .map(|(name, spec)| {
-            spec.to_row(name)
+            spec.to_row(name, d)
                 .map_err(|e| format!("TALLY_KINDS_FILE: kind {name:?}: {e}"))
         })
         .collect()
@@ -273,7 +320,11 @@ pub struct KindRuntime {
 impl KindRuntime {
     /// Whether a claim may take tasks of this kind now.
     pub fn claimable(&self) -> bool {
-        !self.paused && self.limit.as_ref().is_none_or(|s| s.available_permits() > 0)
+        !self.paused
+            && self
+                .limit
+                .as_ref()
+                .is_none_or(|s| s.available_permits() > 0)
     }
 }
 
@@ -299,7 +350,12 @@ pub struct Snapshot {
 }
 
 impl Catalog {
-    pub fn new(fixed: Handlers, fixed_backoff: Backoff, simulate: SimulateConfig, dynamic: bool) -> Self {
+    pub fn new(
+        fixed: Handlers,
+        fixed_backoff: Backoff,
+        simulate: SimulateConfig,
+        dynamic: bool,
+    ) -> Self {
         let catalog = Self {
             fixed,
             fixed_backoff,
@@ -319,7 +375,11 @@ impl Catalog {
 
     /// Reloads stored kinds and the fault-injection switch.
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
-        let rows = if self.dynamic { store.list_kinds().await? } else { Vec::new() };
+        let rows = if self.dynamic {
+            store.list_kinds().await?
+        } else {
+            Vec::new()
+        };
         let control = store.control().await?;
         let rate = if control.fault_injection_enabled {
             control.fault_injection_rate

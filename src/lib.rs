@@ -22,6 +22,7 @@
 //! - [`app`]: composition root; [`config`]: every setting; [`demo`], [`bench`]: the
 //!   `tally demo` and `tally bench` commands; [`pgtemp`]: throwaway PostgreSQL clusters.
 
+pub mod api;
 pub mod app;
 pub mod bench;
 pub mod callbacks;

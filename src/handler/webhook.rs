@@ -119,12 +119,10 @@ impl Webhook {
         }
         if let Some(secret) = &self.settings.signing_secret {
             let ts = chrono::Utc::now().timestamp();
-            req = req
-                .header("x-tally-timestamp", ts.to_string())
-                .header(
-                    "x-tally-signature",
-                    crate::http::signature(secret.as_bytes(), ts, &body),
-                );
+            req = req.header("x-tally-timestamp", ts.to_string()).header(
+                "x-tally-signature",
+                crate::http::signature(secret.as_bytes(), ts, &body),
+            );
         }
         let resp = req.body(body).send().await.map_err(classify_send_error)?;
         let status = resp.status();
@@ -166,7 +164,10 @@ fn classify_send_error(e: reqwest::Error) -> HandlerError {
     if e.is_timeout() {
         HandlerError::new(ErrorClass::TimeoutError, format!("webhook timed out: {e}"))
     } else {
-        HandlerError::new(ErrorClass::NetworkError, format!("webhook unreachable: {e}"))
+        HandlerError::new(
+            ErrorClass::NetworkError,
+            format!("webhook unreachable: {e}"),
+        )
     }
 }
 

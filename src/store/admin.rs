@@ -303,7 +303,11 @@ impl Store {
         .await
     }
 
-    pub async fn health(&self, stuck_after_secs: f64, lease: &str) -> Result<HealthRow, StoreError> {
+    pub async fn health(
+        &self,
+        stuck_after_secs: f64,
+        lease: &str,
+    ) -> Result<HealthRow, StoreError> {
         self.call("checking health", async {
             sqlx::query_as(
                 "SELECT \
@@ -330,9 +334,11 @@ impl Store {
     /// Task counts by status, cluster-wide.
     pub async fn task_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         self.call("counting tasks", async {
-            sqlx::query_as("SELECT status, count(*) FROM order_tasks GROUP BY status ORDER BY status")
-                .fetch_all(self.pool())
-                .await
+            sqlx::query_as(
+                "SELECT status, count(*) FROM order_tasks GROUP BY status ORDER BY status",
+            )
+            .fetch_all(self.pool())
+            .await
         })
         .await
     }

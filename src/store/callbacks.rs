@@ -103,7 +103,11 @@ RETURNING c.id, c.order_id, c.event, c.url, c.format, c.payload, c.attempts, c.m
 
 impl Store {
     /// Queues notifications for up to `limit` orders. Returns how many were queued.
-    pub async fn enqueue_callbacks(&self, limit: u32, max_attempts: i32) -> Result<u64, StoreError> {
+    pub async fn enqueue_callbacks(
+        &self,
+        limit: u32,
+        max_attempts: i32,
+    ) -> Result<u64, StoreError> {
         let ids: Vec<i64> = self
             .call("queueing order callbacks", async {
                 sqlx::query_scalar(ENQUEUE)

@@ -52,7 +52,11 @@ impl Store {
     /// The key with this digest, revoked or not. Marks it used (at most once a minute, so
     /// reads do not turn into a write per request).
     pub async fn key_by_digest(&self, digest: &str) -> Result<Option<ApiKeyRow>, StoreError> {
-        const SQL: &str = concat!("SELECT ", key_columns!(), " FROM api_keys WHERE digest = $1");
+        const SQL: &str = concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE digest = $1"
+        );
         let row: Option<ApiKeyRow> = self
             .call("looking up an API key", async {
                 sqlx::query_as(SQL)
@@ -63,7 +67,8 @@ impl Store {
             .await?;
         if let Some(k) = &row
             && k.revoked_at.is_none()
-            && k.last_used_at.is_none_or(|t| (Utc::now() - t).num_seconds() > 60)
+            && k.last_used_at
+                .is_none_or(|t| (Utc::now() - t).num_seconds() > 60)
         {
             self.call("marking an API key used", async {
                 sqlx::query(
@@ -107,7 +112,11 @@ impl Store {
     }
 
     pub async fn list_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
-        const SQL: &str = concat!("SELECT ", key_columns!(), " FROM api_keys ORDER BY created_at, id");
+        const SQL: &str = concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys ORDER BY created_at, id"
+        );
         self.call("listing API keys", async {
             sqlx::query_as(SQL).fetch_all(self.pool()).await
         })

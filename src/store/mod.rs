@@ -26,7 +26,8 @@ use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use admin::{
-    CapacityRow, ControlRow, HealthRow, OrphanRow, RecordedChecks, TaskRow, TransitionRow, WorkerRow,
+    CapacityRow, ControlRow, HealthRow, OrphanRow, RecordedChecks, TaskRow, TransitionRow,
+    WorkerRow,
 };
 pub use callbacks::{CallbackJob, CallbackResult, CallbackRow};
 pub use keys::{ApiKeyRow, AuditRow, NewAudit};

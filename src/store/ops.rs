@@ -48,8 +48,14 @@ impl OrderAction {
 pub enum ActionOutcome {
     NotFound,
     /// The order's status does not allow the action.
-    Conflict { status: String, reason: String },
-    Done { tasks: u64, units: i64 },
+    Conflict {
+        status: String,
+        reason: String,
+    },
+    Done {
+        tasks: u64,
+        units: i64,
+    },
 }
 
 /// A task row an action may change, locked.
@@ -337,7 +343,9 @@ async fn run_action(
         }
         OrderAction::Pause | OrderAction::Resume => {
             if status.is_final() {
-                return Ok(conflict(&format!("an order that is {status} cannot be paused or resumed")));
+                return Ok(conflict(&format!(
+                    "an order that is {status} cannot be paused or resumed"
+                )));
             }
             sqlx::query(
                 "UPDATE orders SET paused = $2, updated_at = now(), version = version + 1 WHERE id = $1",

@@ -14,6 +14,8 @@ pub struct WorkerRegistration {
     pub pid: i32,
     pub roles: String,
     pub version: String,
+    /// Task slots this process offers (0 without the worker role).
+    pub concurrency: i32,
 }
 
 /// Lifetime counters a process reports with each heartbeat (absolute values, so a lost or
@@ -57,8 +59,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.call("registering the worker", async {
             sqlx::query(
-                "INSERT INTO workers (id, hostname, pid, roles, version, lease_expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6)) \
+                "INSERT INTO workers (id, hostname, pid, roles, version, lease_expires_at, concurrency) \
+                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7) \
                  ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL, \
                  lease_expires_at = EXCLUDED.lease_expires_at",
             )
@@ -68,6 +70,7 @@ impl Store {
             .bind(&reg.roles)
             .bind(&reg.version)
             .bind(lease.as_secs_f64())
+            .bind(reg.concurrency)
             .execute(self.pool())
             .await
             .map(|_| ())

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::Finished;
-use crate::domain::state::{Transition, decide};
 use crate::domain::TaskStatus;
+use crate::domain::state::{Transition, decide};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{Store, TaskUpdate, UpdateFence};

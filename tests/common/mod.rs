@@ -257,6 +257,17 @@ pub fn settings(url: &str, roles: &[Role]) -> ServeSettings {
         },
         leader_ttl: Duration::from_secs(2),
         simulate: SimulateConfig::default(),
+        api: tally::api::ApiConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            fault_injection_allowed: true,
+            ..Default::default()
+        },
+        callbacks: tally::callbacks::CallbackConfig {
+            poll_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+        kinds: Vec::new(),
+        simulate_kind: true,
     }
 }
 

@@ -1,0 +1,161 @@
+//! API keys: `X-Api-Key`, stored only as SHA-256 digests, scopes read < operate < admin.
+//! The middleware resolves the caller (401 when it cannot), handlers ask for the scope they
+//! need (403), and every mutating call is audited with the key that made it.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::{ApiError, ApiResult};
+use crate::http::{constant_time_eq, sha256_hex};
+use crate::store::NewAudit;
+
+/// What a key may do. Each scope includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Read,
+    Operate,
+    Admin,
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Scope::Read),
+            "operate" => Some(Scope::Operate),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Operate => "operate",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: Uuid,
+    pub key_name: String,
+    pub scope: Scope,
+}
+
+impl Caller {
+    pub fn require(&self, scope: Scope) -> ApiResult<()> {
+        if self.scope >= scope {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this call needs a key with scope {:?} or higher; key {:?} has {:?}",
+                scope.as_str(),
+                self.key_name,
+                self.scope.as_str()
+            )))
+        }
+    }
+
+    /// How this caller appears in audit rows and `actor_id`s.
+    pub fn actor(&self) -> String {
+        format!("key:{}:{}", self.key_name, self.key_id)
+    }
+}
+
+/// Extra detail a handler attaches to its response for the audit row.
+#[derive(Debug, Clone)]
+pub struct AuditDetail(pub serde_json::Value);
+
+/// Key secrets are `tly_` + 64 hex characters; any printable ASCII of 16 to 256 characters
+/// is accepted (a bootstrap key from a Secret need not follow the format).
+pub fn well_formed(key: &str) -> bool {
+    (16..=256).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A new random secret and its listing prefix.
+pub fn new_secret() -> (String, String) {
+    let mut bytes = Vec::with_capacity(32);
+    bytes.extend_from_slice(Uuid::new_v4().as_bytes());
+    bytes.extend_from_slice(Uuid::new_v4().as_bytes());
+    let secret = format!("tly_{}", hex::encode(bytes));
+    let prefix = secret[..12].to_owned();
+    (secret, prefix)
+}
+
+pub fn prefix_of(secret: &str) -> String {
+    secret.chars().take(8).collect()
+}
+
+/// Resolves `X-Api-Key` into a [`Caller`] and audits mutating calls.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get("x-api-key")
+        .map(|v| v.to_str().unwrap_or("").to_owned());
+    let caller = match resolve(&state, presented).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    req.extensions_mut().insert(caller.clone());
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !mutating {
+        return next.run(req).await;
+    }
+    let action = format!(
+        "{} {}",
+        req.method(),
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or(req.uri().path(), |m| m.as_str())
+    );
+    let target = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let audit = NewAudit {
+        key_id: Some(caller.key_id),
+        key_name: Some(caller.key_name.clone()),
+        action,
+        target: Some(target),
+        status: i32::from(resp.status().as_u16()),
+        detail: resp.extensions().get::<AuditDetail>().map(|d| d.0.clone()),
+    };
+    // Written before the response goes out; spawned so a disconnecting client cannot
+    // cancel it half-way.
+    let store = state.store.clone();
+    let written = tokio::spawn(async move { store.write_audit(&audit).await }).await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::error!("writing the admin audit row failed");
+    }
+    resp
+}
+
+async fn resolve(state: &AppState, presented: Option<String>) -> ApiResult<Caller> {
+    let Some(key) = presented else {
+        return Err(ApiError::unauthorized(
+            "send an API key in the X-Api-Key header",
+        ));
+    };
+    if !well_formed(&key) {
+        return Err(ApiError::unauthorized("the X-Api-Key header is malformed"));
+    }
+    let digest = sha256_hex(key.as_bytes());
+    let row = state.store.key_by_digest(&digest).await?;
+    let Some(row) = row.filter(|r| constant_time_eq(r.digest.as_bytes(), digest.as_bytes())) else {
+        return Err(ApiError::unauthorized("unknown API key"));
+    };
+    if row.revoked_at.is_some() {
+        return Err(ApiError::unauthorized("this API key was revoked"));
+    }
+    let scope = Scope::parse(&row.scope)
+        .ok_or_else(|| ApiError::unauthorized("this API key has no valid scope"))?;
+    Ok(Caller {
+        key_id: row.id,
+        key_name: row.name,
+        scope,
+    })
+}

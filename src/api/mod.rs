@@ -1,0 +1,226 @@
+//! The HTTP API (role `api`): orders, the runbook's admin endpoints, kinds, API keys,
+//! `/livez`, `/readyz` and the OpenAPI document. See `openapi/openapi.json`.
+//!
+//! - Every `/api` route except the document needs `X-Api-Key` (see [`auth`]).
+//! - Errors are `{"error": {"code", "message", "field"?}}`; client input never causes a 5xx.
+//! - Bodies are limited to 64 KiB.
+//! - Store calls that open a transaction run in spawned tasks (see `store::ops`), so a
+//!   client that disconnects cannot cancel them half-way.
+
+mod admin;
+pub mod auth;
+pub mod error;
+mod manage;
+mod orders;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::kinds::KindDefaults;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+use error::ApiError;
+
+/// The OpenAPI document, served at `/api/openapi.json` (and committed in the repository).
+pub const OPENAPI: &str = include_str!("../../openapi/openapi.json");
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// API settings (validated by `config`).
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub addr: SocketAddr,
+    /// Bootstrap admin key (`TALLY_ADMIN_API_KEY`).
+    pub admin_key: Option<String>,
+    /// Whether `/api/admin/testing/enable` may switch fault injection on.
+    pub fault_injection_allowed: bool,
+    /// Hosts order callbacks may name; empty: any.
+    pub callback_allowed_hosts: Vec<String>,
+    /// Kinds created without a policy field get these.
+    pub kind_defaults: KindDefaults,
+    /// An EXECUTING task older than this counts as stuck in the health check.
+    pub stuck_task_after: Duration,
+    /// An order PROCESSING longer than this is reported by the health check.
+    pub stuck_order_after: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_key: None,
+            fault_injection_allowed: false,
+            callback_allowed_hosts: Vec::new(),
+            kind_defaults: KindDefaults::default(),
+            stuck_task_after: Duration::from_secs(300),
+            stuck_order_after: Duration::from_secs(2 * 3600),
+        }
+    }
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<ApiConfig>,
+}
+
+/// Every route.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/orders", post(orders::create).get(orders::list))
+        .route("/api/orders/{id}", get(orders::get_one))
+        .route("/api/orders/{id}/progress", get(orders::progress))
+        .route("/api/orders/{id}/cancel", post(orders::cancel))
+        .route("/api/orders/{id}/pause", post(orders::pause))
+        .route("/api/orders/{id}/resume", post(orders::resume))
+        .route("/api/orders/{id}/retry", post(orders::retry))
+        .route("/api/orders/{id}/drain-dlq", post(orders::drain_dlq))
+        .route(
+            "/api/orders/{id}/force-complete",
+            post(orders::force_complete),
+        )
+        .route("/api/orders/{id}/callbacks", get(orders::callbacks))
+        .route("/api/tasks/{id}/trace", get(orders::trace))
+        .route("/api/admin/worker/status", get(admin::worker_status))
+        .route("/api/admin/workers", get(admin::workers))
+        .route(
+            "/api/admin/invariants/orders/{id}",
+            get(admin::invariants_order),
+        )
+        .route("/api/admin/invariants/all", get(admin::invariants_all))
+        .route("/api/admin/invariants/orphans", get(admin::orphans))
+        .route("/api/admin/capacity", get(admin::capacity))
+        .route(
+            "/api/admin/orders/{id}/failed-tasks",
+            get(admin::failed_tasks),
+        )
+        .route("/api/admin/orders/{id}/progress", get(orders::progress))
+        .route("/api/admin/testing/status", get(admin::testing_status))
+        .route("/api/admin/testing/enable", post(admin::testing_enable))
+        .route("/api/admin/testing/disable", post(admin::testing_disable))
+        .route("/api/admin/control", get(admin::control))
+        .route("/api/admin/pause", post(admin::pause))
+        .route("/api/admin/resume", post(admin::resume))
+        .route("/api/admin/health", get(admin::health))
+        .route("/api/admin/archive", post(admin::archive))
+        .route("/api/admin/audit", get(admin::audit))
+        .route("/api/admin/kinds", get(manage::list_kinds))
+        .route(
+            "/api/admin/kinds/{name}",
+            get(manage::get_kind)
+                .put(manage::put_kind)
+                .delete(manage::delete_kind),
+        )
+        .route("/api/admin/kinds/{name}/pause", post(manage::pause_kind))
+        .route("/api/admin/kinds/{name}/resume", post(manage::resume_kind))
+        .route(
+            "/api/admin/keys",
+            get(manage::list_keys).post(manage::create_key),
+        )
+        .route("/api/admin/keys/{id}/revoke", post(manage::revoke_key))
+        .route("/api/admin/keys/{id}/rotate", post(manage::rotate_key))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/api/openapi.json", get(openapi))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Installs the bootstrap key, binds, and serves until `shutdown`.
+pub async fn serve(store: Store, config: ApiConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("TALLY_API_ADDR {}: cannot listen: {e}", config.addr))?;
+    serve_on(listener, store, config, shutdown).await
+}
+
+/// Like [`serve`] on a bound listener (tests bind port 0).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    store: Store,
+    config: ApiConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    if let Some(key) = config.admin_key.clone() {
+        // In the background: the database may not be there (or migrated) yet, and /livez
+        // and /readyz must answer meanwhile.
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let digest = crate::http::sha256_hex(key.as_bytes());
+            while let Err(e) = store
+                .ensure_bootstrap_key(&digest, &auth::prefix_of(&key))
+                .await
+            {
+                tracing::debug!(error = %e, "installing the bootstrap admin key failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait() => return,
+                }
+            }
+        });
+    }
+    tracing::info!(addr = %listener.local_addr()?, "API listening");
+    let app = router(AppState {
+        store,
+        config: Arc::new(config),
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await?;
+    Ok(())
+}
+
+async fn livez() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.store.migrations_current().await {
+        Ok(true) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
+        Ok(false) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "migrations are not applied yet (run `tally migrate`)",
+        )
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the database is unreachable: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /api/openapi.json")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; see /api/openapi.json",
+    )
+}
