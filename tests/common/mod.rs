@@ -5,6 +5,8 @@
 //! a throwaway cluster started once per test process and stopped when it exits.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
