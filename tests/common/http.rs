@@ -222,6 +222,8 @@ struct ReceiverState {
     /// Answers used in order; when empty, `fallback`.
     script: VecDeque<Answer>,
     fallback: Option<Answer>,
+    /// Answers from the request body, when set (before the script).
+    responder: Option<fn(&Value) -> Option<Answer>>,
 }
 
 /// A real HTTP server on a free loopback port that records calls and answers as scripted
@@ -258,6 +260,11 @@ impl Receiver {
         self.state.lock().unwrap().fallback = Some(answer);
     }
 
+    /// Answers from each request's JSON body where `f` returns an answer.
+    pub fn respond_with(&self, f: fn(&Value) -> Option<Answer>) {
+        self.state.lock().unwrap().responder = Some(f);
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.state.lock().unwrap().calls.clone()
     }
@@ -287,16 +294,18 @@ async fn record(
 ) -> Response {
     let answer = {
         let mut s = state.lock().unwrap();
+        let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let computed = s.responder.and_then(|f| f(&json));
         s.calls.push(Call {
             at: Instant::now(),
             path: uri.path().to_owned(),
             headers,
-            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            body: json,
             raw: body.to_vec(),
         });
         let fallback = s.fallback.clone();
-        s.script
-            .pop_front()
+        computed
+            .or_else(|| s.script.pop_front())
             .or(fallback)
             .unwrap_or_else(|| Answer::status(200))
     };
