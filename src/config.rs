@@ -49,6 +49,8 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub client: crate::cli::ClientArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +69,8 @@ pub enum Command {
     Demo(Box<crate::demo::DemoArgs>),
     /// Measure throughput, pickup latency and fan-out time; prints JSON.
     Bench(Box<crate::bench::BenchArgs>),
+    #[command(flatten)]
+    Ops(crate::cli::OpsCommand),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -26,6 +26,7 @@ pub mod api;
 pub mod app;
 pub mod bench;
 pub mod callbacks;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod domain;

@@ -25,6 +25,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Ops(cmd) = cli.command {
+        return runtime.block_on(tally::cli::run(cmd, cli.client));
+    }
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
@@ -58,5 +61,6 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => tally::demo::run(*args).await,
         Command::Bench(args) => tally::bench::run(*args).await,
+        Command::Ops(_) => unreachable!("handled in main"),
     }
 }
