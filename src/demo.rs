@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::intake::{IntakeDefaults, OrderRequest};
 use crate::pgtemp::{ClusterOptions, TempCluster};
-use crate::store::{IntakeOutcome, Store, StoreOptions};
+use crate::store::{Store, StoreOptions};
 use crate::sweeper::{Sweeper, SweeperConfig};
 
 #[derive(Debug, Clone, Args)]
@@ -53,6 +53,22 @@ pub struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_sec: u64,
+    /// Where the demo's API listens (port 0: a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub api_addr: std::net::SocketAddr,
+    /// The demo's admin API key (default: a fresh random one).
+    #[arg(long, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// After the verdict, keep PostgreSQL, the API and the workers running until Ctrl-C,
+    /// to try the API and the CLI against them.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+/// The demo's API: where it listens and the admin key it was started with.
+struct DemoApi {
+    url: String,
+    key: String,
 }
 
 /// The demo's closing report.
@@ -119,8 +135,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         max_attempts: Some(args.max_attempts),
         ..Default::default()
     };
-    let order = crate::intake::prepare(&request, IntakeDefaults::default(), None, None)
+    // Checked here first so that a bad flag is named as a flag.
+    crate::intake::prepare(&request, IntakeDefaults::default(), None, None)
         .map_err(|e| anyhow::anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;
+    let api_key = args
+        .api_key
+        .clone()
+        .unwrap_or_else(|| crate::api::auth::new_secret().0);
+    if !crate::api::auth::well_formed(&api_key) {
+        bail!("--api-key must be 16 to 256 printable ASCII characters");
+    }
+    let api_addr = if args.api_addr.port() == 0 {
+        let l = std::net::TcpListener::bind(args.api_addr)
+            .context("finding a free port for the API")?;
+        l.local_addr()?
+    } else {
+        args.api_addr
+    };
+    let api = DemoApi {
+        url: format!("http://{api_addr}"),
+        key: api_key,
+    };
 
     let (cluster, url) = match &args.database_url {
         Some(url) => (None, url.clone()),
@@ -139,8 +174,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
 
     let log_dir = std::env::temp_dir().join(format!("tally-demo-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&log_dir)?;
-    let mut fleet = start_fleet(&args, &url, &log_dir)?;
-    let result = drive(&args, &store, &order, &mut fleet).await;
+    let mut fleet = start_fleet(&args, &url, &log_dir, &api, api_addr)?;
+    let result = drive(&args, &store, &request, &api, &mut fleet).await;
+    if args.keep_running && result.is_ok() {
+        eprintln!(
+            "\nstill running — try the API and the CLI, then press Ctrl-C to stop:\n  \
+             curl -s -H 'X-Api-Key: {key}' {url}/api/admin/health\n  \
+             TALLY_API_URL={url} TALLY_API_KEY={key} tally order list",
+            key = api.key,
+            url = api.url
+        );
+        crate::shutdown::os_signal().await;
+    }
     fleet.stop().await;
     let outcome = match result {
         Ok(summary) => {
@@ -173,7 +218,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(outcome)
 }
 
-fn start_fleet(args: &DemoArgs, url: &str, log_dir: &std::path::Path) -> anyhow::Result<Fleet> {
+fn start_fleet(
+    args: &DemoArgs,
+    url: &str,
+    log_dir: &std::path::Path,
+    api: &DemoApi,
+    api_addr: std::net::SocketAddr,
+) -> anyhow::Result<Fleet> {
     let exe = std::env::current_exe().context("locating the tally binary")?;
     let mut children = Vec::new();
     let spawn = |name: String, roles: &str| -> anyhow::Result<(String, Child)> {
@@ -197,6 +248,8 @@ fn start_fleet(args: &DemoArgs, url: &str, log_dir: &std::path::Path) -> anyhow:
                 "TALLY_SIMULATE_TRANSIENT_FAILURE_RATE",
                 args.failure_rate.to_string(),
             )
+            .env("TALLY_API_ADDR", api_addr.to_string())
+            .env("TALLY_ADMIN_API_KEY", &api.key)
             .env("RUST_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,7 +259,7 @@ fn start_fleet(args: &DemoArgs, url: &str, log_dir: &std::path::Path) -> anyhow:
             .with_context(|| format!("starting {}", exe.display()))?;
         Ok((name, child))
     };
-    children.push(spawn("sweeper".into(), "generator,sweeper")?);
+    children.push(spawn("api-sweeper".into(), "api,generator,sweeper")?);
     for i in 0..args.workers {
         children.push(spawn(format!("worker-{i}"), "worker")?);
     }
@@ -216,26 +269,74 @@ fn start_fleet(args: &DemoArgs, url: &str, log_dir: &std::path::Path) -> anyhow:
     })
 }
 
+/// Waits for the API to be ready, then submits the order through it.
+async fn submit(api: &DemoApi, request: &OrderRequest) -> anyhow::Result<serde_json::Value> {
+    let client = crate::http::client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = client.get(format!("{}/readyz", api.url)).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the API at {} did not become ready within 60 s", api.url);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The bootstrap key is installed just after the API starts listening.
+    loop {
+        let resp = client
+            .post(format!("{}/api/orders", api.url))
+            .header("x-api-key", &api.key)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(request)?)
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await?).unwrap_or_default();
+        if status.as_u16() == 401 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        if !status.is_success() {
+            bail!("the API refused the demo order ({status}): {body}");
+        }
+        return Ok(body);
+    }
+}
+
 async fn drive(
     args: &DemoArgs,
     store: &Store,
-    order: &crate::store::NewOrder,
+    request: &OrderRequest,
+    api: &DemoApi,
     fleet: &mut Fleet,
 ) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
-    let id = match store.create_order(order).await? {
-        IntakeOutcome::Created(id) => id,
-        other => bail!("unexpected intake outcome {other:?}"),
-    };
+    let created = submit(api, request).await?;
+    let id: Uuid = created["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .context("the API answered without an order id")?;
     say(
         args,
         &format!(
             "order {id}: {} units of simulate in {} tasks of ~{}, {} workers{}",
-            order.quantity,
-            order.task_count,
-            order.chunk_size,
+            created["quantity"],
+            created["task_count"],
+            created["chunk_size"],
             args.workers,
             if args.chaos { ", chaos on" } else { "" }
+        ),
+    );
+    say(
+        args,
+        &format!(
+            "API {url} — follow along:\n  curl -s -H 'X-Api-Key: {key}' {url}/api/orders/{id}/progress\n  \
+             TALLY_API_URL={url} TALLY_API_KEY={key} tally order progress {id} --watch",
+            url = api.url,
+            key = api.key
         ),
     );
     let tty = std::io::stderr().is_terminal() && !args.json;

@@ -406,11 +406,8 @@ impl Catalog {
                 continue;
             }
             let handler: Arc<dyn Handler> = match row.handler.as_str() {
-                "simulate" => Arc::new(Simulate::new(SimulateConfig {
-                    transient_failure_rate: 0.0,
-                    permanent_failure_rate: 0.0,
-                    ..self.simulate.clone()
-                })),
+                // TALLY_SIMULATE_* (no failures unless configured, as the demo's chaos does).
+                "simulate" => Arc::new(Simulate::new(self.simulate.clone())),
                 "webhook" => match row
                     .webhook
                     .clone()

@@ -1447,3 +1447,67 @@ async fn kinds_load_from_a_file_and_the_simulate_kind_can_be_removed() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_huge_order_is_cancelled_in_batches_and_closed_out_by_the_sweeper() {
+    let db = TestDb::new().await;
+    let api = Api::start(&db).await;
+    let o = api
+        .post(
+            "/api/orders",
+            ADMIN_KEY,
+            Some(&json!({"kind": "simulate", "target": "t",
+        "quantity": 12_000, "chunk_size": 1})),
+        )
+        .await
+        .body;
+    let id = o["id"].as_str().unwrap().to_owned();
+    api.post(&format!("/api/orders/{id}/pause"), ADMIN_KEY, None)
+        .await;
+    while db.store.generate_tasks(10, "test").await.unwrap().0 > 0 {}
+    // One call changes at most one batch of tasks; the order is closed at once.
+    let c = api
+        .post(&format!("/api/orders/{id}/cancel"), ADMIN_KEY, None)
+        .await
+        .body;
+    assert_eq!(
+        (c["status"].as_str(), c["cancelled_units"].as_i64()),
+        (Some("CANCELLED"), Some(5000)),
+        "{c}"
+    );
+    assert_eq!(
+        api.get(&format!("/api/admin/invariants/orders/{id}"), ADMIN_KEY)
+            .await
+            .body["passed"],
+        true
+    );
+    // The sweeper cancels the rest.
+    let pod = Pod::start(settings(&db.url, &[Role::Sweeper]), Handlers::new()).await;
+    wait_until(
+        Duration::from_secs(30),
+        "close-out cancelled every task",
+        || async {
+            api.get(&format!("/api/orders/{id}"), ADMIN_KEY).await.body["cancelled_units"] == 12_000
+        },
+    )
+    .await;
+    let held: bool = sqlx::query_scalar("SELECT paused FROM orders WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(!held, "the claim hold is lifted once nothing is open");
+    let p = api
+        .get(&format!("/api/orders/{id}/progress"), ADMIN_KEY)
+        .await
+        .body;
+    assert_eq!(p["tasks_by_status"]["CANCELLED"], 12_000);
+    assert_eq!(
+        api.get(&format!("/api/admin/invariants/orders/{id}"), ADMIN_KEY)
+            .await
+            .body["passed"],
+        true
+    );
+    pod.stop().await;
+    api.stop().await;
+}

@@ -145,6 +145,7 @@ impl Store {
             })
             .await?;
         let mut closed = 0;
+        let started = std::time::Instant::now();
         for id in ids {
             let store = self.clone();
             let actor = actor.to_owned();
@@ -162,6 +163,11 @@ impl Store {
                     message: e.to_string(),
                 })??;
             closed += r;
+            // One batch per order per pass keeps a pass short; a huge cancelled order is
+            // closed out over consecutive passes.
+            if started.elapsed() > std::time::Duration::from_secs(2) {
+                break;
+            }
         }
         Ok(closed)
     }
@@ -179,6 +185,11 @@ async fn lock_order(
     Ok(row.and_then(|(s, p)| OrderStatus::parse(&s).map(|s| (s, p))))
 }
 
+/// Most tasks one operator transaction changes. Larger orders are finished in batches:
+/// cancel closes the order at once and the sweeper's close-out cancels the rest, so no
+/// call holds locks for long however big the order.
+pub const TASK_BATCH: i64 = 5000;
+
 async fn lock_tasks(
     tx: &mut Transaction<'static, Postgres>,
     id: Uuid,
@@ -186,11 +197,22 @@ async fn lock_tasks(
 ) -> Result<Vec<OpenTask>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, status, attempts, max_attempts, quantity, delivered FROM order_tasks \
-         WHERE order_id = $1 AND status = ANY($2) ORDER BY id FOR UPDATE",
+         WHERE order_id = $1 AND status = ANY($2) ORDER BY id LIMIT $3 FOR UPDATE",
     )
     .bind(id)
     .bind(statuses)
+    .bind(TASK_BATCH)
     .fetch_all(&mut **tx)
+    .await
+}
+
+async fn open_count(tx: &mut Transaction<'static, Postgres>, id: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM order_tasks WHERE order_id = $1 \
+         AND status IN ('PENDING', 'EXECUTING', 'FAILED_RETRYING')",
+    )
+    .bind(id)
+    .fetch_one(&mut **tx)
     .await
 }
 
@@ -265,18 +287,6 @@ async fn order_transition(
     .map(|_| ())
 }
 
-async fn executing_count(
-    tx: &mut Transaction<'static, Postgres>,
-    id: Uuid,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM order_tasks WHERE order_id = $1 AND status = 'EXECUTING'",
-    )
-    .bind(id)
-    .fetch_one(&mut **tx)
-    .await
-}
-
 const WAITING: [&str; 2] = ["PENDING", "FAILED_RETRYING"];
 
 async fn run_action(
@@ -323,7 +333,8 @@ async fn run_action(
                     .fetch_one(&mut **tx)
                     .await?;
             }
-            let running = executing_count(tx, id).await?;
+            // Still open (running, or past this batch): held from claims until close-out.
+            let open = open_count(tx, id).await?;
             sqlx::query(
                 "UPDATE orders SET status = $2, cancelled_units = cancelled_units + $3, \
                  paused = $4, needs_attention = false, finished_at = now(), updated_at = now(), \
@@ -332,7 +343,7 @@ async fn run_action(
             .bind(id)
             .bind(next.as_str())
             .bind(cancelled)
-            .bind(running > 0)
+            .bind(open > 0)
             .execute(&mut **tx)
             .await?;
             order_transition(tx, id, status, next, reason, actor).await?;
@@ -359,9 +370,12 @@ async fn run_action(
         OrderAction::RetryNow => {
             let n = sqlx::query(
                 "UPDATE order_tasks SET retry_after = now(), updated_at = now() \
-                 WHERE order_id = $1 AND status IN ('PENDING', 'FAILED_RETRYING') AND retry_after > now()",
+                 WHERE id IN (SELECT id FROM order_tasks WHERE order_id = $1 \
+                              AND status IN ('PENDING', 'FAILED_RETRYING') AND retry_after > now() \
+                              LIMIT $2 FOR UPDATE SKIP LOCKED)",
             )
             .bind(id)
+            .bind(TASK_BATCH)
             .execute(&mut **tx)
             .await?
             .rows_affected();
@@ -407,15 +421,15 @@ async fn close_out(
     let decided = decide_all(&tasks, &TaskEvent::Cancelled);
     write_tasks(tx, &decided, actor).await?;
     let cancelled: i64 = decided.iter().map(|d| d.1.cancelled_units_delta).sum();
-    let running = executing_count(tx, id).await?;
+    let open = open_count(tx, id).await?;
     sqlx::query(
         "UPDATE orders SET cancelled_units = cancelled_units + $2, paused = $3, updated_at = now(), \
          version = version + 1 WHERE id = $1",
     )
     .bind(id)
     .bind(cancelled)
-    .bind(running > 0)
+    .bind(open > 0)
     .execute(&mut **tx)
     .await?;
-    Ok(u64::from(running == 0))
+    Ok(u64::from(open == 0))
 }

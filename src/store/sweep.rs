@@ -90,7 +90,10 @@ ins AS (
     SELECT order_id, passed, order_status, expected, delivered, failed, cancelled, outstanding, violations, $10
     FROM input
 )
-UPDATE orders o SET audited_at = now() FROM input i WHERE o.id = i.order_id
+-- audited_at only schedules the next audit: never wait for (or deadlock with) a writer.
+UPDATE orders o SET audited_at = now()
+WHERE o.id IN (SELECT id FROM orders WHERE id IN (SELECT order_id FROM input)
+               ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
 "#;
 
 const FINALISE: &str = r#"
