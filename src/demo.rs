@@ -176,23 +176,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     std::fs::create_dir_all(&log_dir)?;
     let mut fleet = start_fleet(&args, &url, &log_dir, &api, api_addr)?;
     let result = drive(&args, &store, &request, &api, &mut fleet).await;
-    if args.keep_running && result.is_ok() {
-        eprintln!(
-            "\nstill running — try the API and the CLI, then press Ctrl-C to stop:\n  \
-             curl -s -H 'X-Api-Key: {key}' {url}/api/admin/health\n  \
-             TALLY_API_URL={url} TALLY_API_KEY={key} tally order list",
-            key = api.key,
-            url = api.url
-        );
-        crate::shutdown::os_signal().await;
-    }
-    fleet.stop().await;
-    let outcome = match result {
+    let outcome = match &result {
         Ok(summary) => {
             if args.json {
-                println!("{}", serde_json::to_string(&summary)?);
+                println!("{}", serde_json::to_string(summary)?);
             } else {
-                print_summary(&summary);
+                print_summary(summary);
             }
             if summary.invariant_holds {
                 std::process::ExitCode::SUCCESS
@@ -208,6 +197,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
             std::process::ExitCode::FAILURE
         }
     };
+    if args.keep_running && result.is_ok() {
+        eprintln!(
+            "\nstill running — try the API and the CLI, then press Ctrl-C to stop:\n  \
+             curl -s -H 'X-Api-Key: {key}' {url}/api/admin/health\n  \
+             TALLY_API_URL={url} TALLY_API_KEY={key} tally order list",
+            key = api.key,
+            url = api.url
+        );
+        crate::shutdown::os_signal().await;
+    }
+    fleet.stop().await;
     store.close().await;
     if outcome == std::process::ExitCode::SUCCESS {
         let _ = std::fs::remove_dir_all(&fleet.log_dir);

@@ -43,7 +43,8 @@ async fn every_answer_is_classified() {
     let rx = Receiver::start().await;
     let hook = Webhook::new(tally::http::client(), settings_for(Some(rx.url("/in"))));
     let t = task("acct-1");
-    let cases: Vec<(Answer, Result<u32, (ErrorClass, Option<u64>)>)> = vec![
+    type Want = Result<u32, (ErrorClass, Option<u64>)>;
+    let cases: Vec<(Answer, Want)> = vec![
         (Answer::status(200), Ok(10)),
         (Answer::status(204), Ok(10)),
         (Answer::status(200).body(r#"{"delivered": 4}"#), Ok(4)),

@@ -468,6 +468,9 @@ async fn act(
     match st.store.order_action(id, action, &caller.actor()).await? {
         ActionOutcome::NotFound => Err(ApiError::not_found(format!("no order {id}"))),
         ActionOutcome::Conflict { reason, .. } => Err(ApiError::conflict(reason)),
+        ActionOutcome::Busy => Err(ApiError::conflict(
+            "the order is locked by a running fan-out of its tasks; retry in a few seconds",
+        )),
         ActionOutcome::Done { tasks, units } => Ok((tasks, units)),
     }
 }

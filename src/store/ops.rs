@@ -56,6 +56,8 @@ pub enum ActionOutcome {
         tasks: u64,
         units: i64,
     },
+    /// The order row stayed locked (a giant order being fanned out): try again shortly.
+    Busy,
 }
 
 /// A task row an action may change, locked.
@@ -102,7 +104,16 @@ impl Store {
         let caller = self.clone();
         let work = async move {
             let mut tx = store.pool().begin().await?;
-            let outcome = run_action(&mut tx, id, action, &actor).await?;
+            // An operator call waits a little for the order row, never for a whole fan-out.
+            sqlx::query("SET LOCAL lock_timeout = '3s'")
+                .execute(&mut *tx)
+                .await?;
+            let outcome = match run_action(&mut tx, id, action, &actor).await {
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                    return Ok(ActionOutcome::Busy);
+                }
+                other => other?,
+            };
             tx.commit().await?;
             if matches!(
                 (action, &outcome),
