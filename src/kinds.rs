@@ -465,6 +465,23 @@ impl Catalog {
 }
 
 impl Snapshot {
+    /// Whether a task claimed with `kind_version` (its kind's `updated_at` at claim time)
+    /// would run on a stale copy of its kind: the catalog must be reloaded first.
+    pub fn is_stale(
+        &self,
+        kind: &str,
+        kind_version: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> bool {
+        match (self.kinds.get(kind), kind_version) {
+            // Handlers given in code are never reloaded.
+            (Some(k), _) if k.row.is_none() => false,
+            (Some(k), Some(v)) => k.row.as_ref().is_some_and(|r| r.updated_at != v),
+            (Some(_), None) => true,
+            (None, Some(_)) => true,
+            (None, None) => false,
+        }
+    }
+
     /// The kinds a claim may take now.
     pub fn claimable_kinds(&self) -> Vec<String> {
         self.kinds

@@ -1511,3 +1511,38 @@ async fn a_huge_order_is_cancelled_in_batches_and_closed_out_by_the_sweeper() {
     pod.stop().await;
     api.stop().await;
 }
+
+#[tokio::test]
+async fn a_changed_kind_takes_effect_at_the_next_claim() {
+    let db = TestDb::new().await;
+    let api = Api::start(&db).await;
+    let old = Receiver::start().await;
+    let new = Receiver::start().await;
+    old.always(Answer::status(400));
+    webhook_kind(&api, "crm", &old.url("/v1"), 1).await;
+    let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
+    let id = api
+        .post(
+            "/api/orders",
+            ADMIN_KEY,
+            Some(&json!({"kind": "crm", "target": "t", "quantity": 30, "chunk_size": 10})),
+        )
+        .await
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until(Duration::from_secs(20), "dead-lettered", || async {
+        api.get(&format!("/api/orders/{id}"), ADMIN_KEY).await.body["needs_attention"] == true
+    })
+    .await;
+    // Fix the kind and replay at once: no task may run on the old settings, even though
+    // workers only reload kinds on their own every 2 s.
+    webhook_kind(&api, "crm", &new.url("/v2"), 1).await;
+    api.post(&format!("/api/orders/{id}/drain-dlq"), ADMIN_KEY, None)
+        .await;
+    wait_order(&api, &id, "COMPLETED", Duration::from_secs(20)).await;
+    assert_eq!((old.calls().len(), new.calls().len()), (3, 3));
+    pod.stop().await;
+    api.stop().await;
+}

@@ -23,6 +23,9 @@ pub struct ClaimedTask {
     pub claim_token: Uuid,
     pub target: String,
     pub trace_context: Option<String>,
+    /// `kinds.updated_at` of the task's kind when it was claimed (None: not a stored kind),
+    /// so a worker notices a changed kind before it runs the task.
+    pub kind_version: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl ClaimedTask {
@@ -111,9 +114,10 @@ audit AS (
     JOIN picked p ON p.id = c.id
 )
 SELECT c.id, c.order_id, c.seq, c.kind, c.quantity, c.delivered, c.attempts, c.max_attempts,
-       c.claim_token, o.target, o.trace_context
+       c.claim_token, o.target, o.trace_context, k.updated_at AS kind_version
 FROM claimed c
 CROSS JOIN LATERAL (SELECT target, trace_context FROM orders WHERE id = c.order_id) o
+LEFT JOIN LATERAL (SELECT updated_at FROM kinds WHERE name = c.kind) k ON true
 "#;
 
 /// Applies decided transitions of claimed tasks and rolls their unit deltas into the

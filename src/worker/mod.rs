@@ -203,6 +203,19 @@ impl Worker {
                     continue;
                 }
             };
+            // A kind changed since the catalog was loaded (an operator just fixed a webhook
+            // URL, say): reload before running anything on the old settings.
+            let catalog = if claimed
+                .iter()
+                .any(|t| catalog.is_stale(&t.kind, t.kind_version))
+            {
+                if let Err(e) = self.catalog.refresh(&self.store).await {
+                    tracing::warn!(error = %e, "reloading changed kinds failed; using the last catalog");
+                }
+                self.catalog.snapshot()
+            } else {
+                catalog
+            };
             let got = claimed.len() as u32;
             self.stats.hold(claimed.iter().map(|t| t.claim_token));
             report.claimed += u64::from(got);
