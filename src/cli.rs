@@ -1070,7 +1070,7 @@ fn progress_line(v: &Value) -> String {
         n("FAILED_PERMANENT"),
         s(&v["status"]),
     );
-    if v["status"] == "PROCESSING" {
+    if v["status"] == "PROCESSING" && v["outstanding"].as_i64().unwrap_or(0) > 0 {
         line.push_str(&format!("  ETA {}", eta(&v["eta_seconds"])));
     }
     if v["paused"] == true {

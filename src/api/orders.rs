@@ -425,6 +425,7 @@ pub async fn progress(
         tasks_by_status.insert(status, n);
     }
     // Average rate since the tasks were generated: stable, and exact for a steady fleet.
+    // No ETA when nothing is outstanding (finalising, or everything left is dead-lettered).
     let elapsed = o
         .generated_at
         .map(|g| (o.finished_at.unwrap_or_else(Utc::now) - g).num_milliseconds() as f64 / 1000.0)
@@ -435,8 +436,7 @@ pub async fn progress(
         0.0
     };
     let eta_seconds = (o.status == "PROCESSING" && units_per_sec > 0.0 && o.outstanding_units > 0)
-        .then(|| o.outstanding_units as f64 / units_per_sec)
-        .or((o.status == "PROCESSING" && o.outstanding_units == 0).then_some(0.0));
+        .then(|| o.outstanding_units as f64 / units_per_sec);
     Ok(axum::Json(Progress {
         order_id: o.id,
         percent: if o.quantity > 0 {
