@@ -184,3 +184,135 @@ async fn demo_runs_against_an_existing_database() {
         "COMPLETED"
     );
 }
+
+#[tokio::test]
+async fn demo_serves_the_api_and_its_printed_curl_line_works() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let url = TestDb::empty().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "demo",
+            "--quantity",
+            "400",
+            "--chunk-size",
+            "100",
+            "--latency-ms",
+            "5",
+            "--keep-running",
+        ])
+        .env("TALLY_DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut curl = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline.into(), lines.next_line()).await
+    {
+        if line.trim_start().starts_with("curl ") && line.contains("/api/orders/") {
+            curl = Some(line.trim().to_owned());
+        }
+        if line.contains("still running") {
+            break;
+        }
+    }
+    let curl = curl.expect("the demo printed a curl line for its order");
+    // Run the printed line as an operator would.
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &curl])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{curl}");
+    let progress: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (progress["status"].as_str(), progress["delivered"].as_i64()),
+        (Some("COMPLETED"), Some(400)),
+        "{progress}"
+    );
+    signal(&child, libc::SIGTERM);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn api_keys_never_reach_the_logs_even_at_debug() {
+    let db = TestDb::new().await;
+    let log = std::env::temp_dir().join(format!("tally-keys-{}.log", uuid::Uuid::new_v4()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = "bootstrap-secret-4f1c9a7e2d";
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--roles", "api"])
+        .env("TALLY_DATABASE_URL", &db.url)
+        .env("TALLY_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("TALLY_ADMIN_API_KEY", admin)
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = tally::http::client();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut created = None;
+    for _ in 0..200 {
+        if let Ok(r) = client
+            .post(format!("{base}/api/admin/keys"))
+            .header("x-api-key", admin)
+            .header("content-type", "application/json")
+            .body(r#"{"name":"n","scope":"read"}"#)
+            .send()
+            .await
+            && r.status() == 201
+        {
+            created = Some(r.json_value().await);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let secret = created.expect("the API came up")["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let wrong = "wrong-key-7b3e9d1f0a2c";
+    for key in [secret.as_str(), wrong] {
+        client
+            .get(format!("{base}/api/orders"))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+    }
+    signal(&serve, libc::SIGTERM);
+    assert!(serve.wait().await.unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.len() > 1000,
+        "trace logging was on: {} bytes",
+        text.len()
+    );
+    for key in [admin, secret.as_str(), wrong] {
+        assert!(!text.contains(key), "a key reached the log");
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
+trait JsonValue {
+    async fn json_value(self) -> serde_json::Value;
+}
+
+impl JsonValue for reqwest::Response {
+    async fn json_value(self) -> serde_json::Value {
+        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
+    }
+}
