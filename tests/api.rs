@@ -695,10 +695,7 @@ async fn dead_letters_are_inspected_and_drained_back_to_delivery() {
         )
         .await;
     let id = created.body["id"].as_str().unwrap().to_owned();
-    wait_until(Duration::from_secs(20), "order needs attention", || async {
-        api.get(&format!("/api/orders/{id}"), ADMIN_KEY).await.body["needs_attention"] == true
-    })
-    .await;
+    api.wait_attention(&id).await;
     // A 400 is permanent at once: one call per task.
     assert_eq!(hooks.calls().len(), 3);
     let dlq = api
@@ -807,13 +804,7 @@ async fn pause_resume_cancel_retry_and_force_complete() {
     let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
 
     // Pause before anything runs: tasks are generated but never claimed, until resumed.
-    let a = api
-        .post("/api/orders", ADMIN_KEY, Some(&order(200, 10)))
-        .await
-        .body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let a = api.create_order(&order(200, 10)).await;
     let paused = api
         .post(&format!("/api/orders/{a}/pause"), ADMIN_KEY, None)
         .await;
@@ -872,13 +863,7 @@ async fn pause_resume_cancel_retry_and_force_complete() {
     );
 
     // Pause and resume: the order then completes.
-    let b = api
-        .post("/api/orders", ADMIN_KEY, Some(&order(100, 10)))
-        .await
-        .body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let b = api.create_order(&order(100, 10)).await;
     api.post(&format!("/api/orders/{b}/pause"), ADMIN_KEY, None)
         .await;
     let resumed = api
@@ -894,16 +879,8 @@ async fn pause_resume_cancel_retry_and_force_complete() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     hooks.script([Answer::status(503)]);
     let c_id = api
-        .post(
-            "/api/orders",
-            ADMIN_KEY,
-            Some(&json!({"kind": "slow-retry", "target": "t", "quantity": 5})),
-        )
-        .await
-        .body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .create_order(&json!({"kind": "slow-retry", "target": "t", "quantity": 5}))
+        .await;
     wait_until(
         Duration::from_secs(20),
         "task waits for its retry",
@@ -928,24 +905,9 @@ async fn pause_resume_cancel_retry_and_force_complete() {
         &json!({"handler": "webhook", "webhook": {"url": hooks.url("/half")}, "max_attempts": 1})).await;
     assert_eq!(r.status, 200);
     let d = api
-        .post(
-            "/api/orders",
-            ADMIN_KEY,
-            Some(&json!({"kind": "half", "target": "t", "quantity": 20, "chunk_size": 10})),
-        )
-        .await
-        .body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    wait_until(
-        Duration::from_secs(20),
-        "partial deliveries dead-lettered",
-        || async {
-            api.get(&format!("/api/orders/{d}"), ADMIN_KEY).await.body["needs_attention"] == true
-        },
-    )
-    .await;
+        .create_order(&json!({"kind": "half", "target": "t", "quantity": 20, "chunk_size": 10}))
+        .await;
+    api.wait_attention(&d).await;
     let f = api
         .post(&format!("/api/orders/{d}/force-complete"), ADMIN_KEY, None)
         .await
@@ -988,13 +950,7 @@ async fn the_global_pause_stops_every_claim_until_resumed() {
             .unwrap()
             .starts_with("key:bootstrap:")
     );
-    let id = api
-        .post("/api/orders", ADMIN_KEY, Some(&order(50, 10)))
-        .await
-        .body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.create_order(&order(50, 10)).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
         api.get(&format!("/api/orders/{id}"), ADMIN_KEY).await.body["delivered"],
@@ -1338,24 +1294,9 @@ async fn fault_injection_is_refused_unless_configured_and_fails_attempts_when_on
     .await;
     let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
     let id = api
-        .post(
-            "/api/orders",
-            ADMIN_KEY,
-            Some(&json!({"kind": "flaky", "target": "t", "quantity": 10, "chunk_size": 5})),
-        )
-        .await
-        .body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    wait_until(
-        Duration::from_secs(20),
-        "every attempt failed by injection",
-        || async {
-            api.get(&format!("/api/orders/{id}"), ADMIN_KEY).await.body["needs_attention"] == true
-        },
-    )
-    .await;
+        .create_order(&json!({"kind": "flaky", "target": "t", "quantity": 10, "chunk_size": 5}))
+        .await;
+    api.wait_attention(&id).await;
     let dlq = api
         .get(&format!("/api/admin/orders/{id}/failed-tasks"), ADMIN_KEY)
         .await
@@ -1522,20 +1463,9 @@ async fn a_changed_kind_takes_effect_at_the_next_claim() {
     webhook_kind(&api, "crm", &old.url("/v1"), 1).await;
     let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
     let id = api
-        .post(
-            "/api/orders",
-            ADMIN_KEY,
-            Some(&json!({"kind": "crm", "target": "t", "quantity": 30, "chunk_size": 10})),
-        )
-        .await
-        .body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    wait_until(Duration::from_secs(20), "dead-lettered", || async {
-        api.get(&format!("/api/orders/{id}"), ADMIN_KEY).await.body["needs_attention"] == true
-    })
-    .await;
+        .create_order(&json!({"kind": "crm", "target": "t", "quantity": 30, "chunk_size": 10}))
+        .await;
+    api.wait_attention(&id).await;
     // Fix the kind and replay at once: no task may run on the old settings, even though
     // workers only reload kinds on their own every 2 s.
     webhook_kind(&api, "crm", &new.url("/v2"), 1).await;
@@ -1556,10 +1486,7 @@ async fn callbacks_are_retried_with_the_same_key_until_delivered() {
     let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
     let mut body = order(100, 10);
     body["callback_url"] = json!(rx.url("/cb"));
-    let id = api.post("/api/orders", ADMIN_KEY, Some(&body)).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.create_order(&body).await;
     api.post(&format!("/api/orders/{id}/pause"), ADMIN_KEY, None)
         .await;
     assert_eq!(

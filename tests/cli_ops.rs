@@ -41,6 +41,27 @@ async fn tally(api: &Api, key: &str, args: &[&str]) -> Out {
     }
 }
 
+/// `tally order create --kind simulate --quantity N --target t --json`: the new order's id.
+async fn create(api: &Api, quantity: &str) -> String {
+    let out = tally(
+        api,
+        ADMIN_KEY,
+        &[
+            "order",
+            "create",
+            "--kind",
+            "simulate",
+            "--quantity",
+            quantity,
+            "--target",
+            "t",
+            "--json",
+        ],
+    )
+    .await;
+    out.json()["id"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn orders_from_creation_to_dead_letters_and_back() {
     let db = TestDb::new().await;
@@ -223,26 +244,7 @@ async fn orders_from_creation_to_dead_letters_and_back() {
             .stdout
             .contains("paused cluster-wide")
     );
-    let o = tally(
-        &api,
-        ADMIN_KEY,
-        &[
-            "order",
-            "create",
-            "--kind",
-            "simulate",
-            "--quantity",
-            "10",
-            "--target",
-            "t",
-            "--json",
-        ],
-    )
-    .await
-    .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let o = create(&api, "10").await;
     assert!(
         tally(&api, ADMIN_KEY, &["order", "pause", &o])
             .await
@@ -271,26 +273,7 @@ async fn orders_from_creation_to_dead_letters_and_back() {
     let again = tally(&api, ADMIN_KEY, &["order", "cancel", &o]).await;
     assert_eq!(again.code, 3, "a conflict is a refusal: {}", again.stderr);
     assert!(again.stderr.contains("[HTTP 409]"));
-    let o2 = tally(
-        &api,
-        ADMIN_KEY,
-        &[
-            "order",
-            "create",
-            "--kind",
-            "simulate",
-            "--quantity",
-            "10",
-            "--target",
-            "t",
-            "--json",
-        ],
-    )
-    .await
-    .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let o2 = create(&api, "10").await;
     let cancel = tally(&api, ADMIN_KEY, &["order", "cancel", &o2]).await;
     assert!(cancel.stdout.contains("CANCELLED"), "{}", cancel.stdout);
     let h = tally(&api, ADMIN_KEY, &["health"]).await;
@@ -315,26 +298,7 @@ async fn inspection_commands_kinds_and_keys() {
         Handlers::new(),
     )
     .await;
-    let id = tally(
-        &api,
-        ADMIN_KEY,
-        &[
-            "order",
-            "create",
-            "--kind",
-            "simulate",
-            "--quantity",
-            "300",
-            "--target",
-            "t",
-            "--json",
-        ],
-    )
-    .await
-    .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create(&api, "300").await;
     wait_for_status(
         &db.store,
         id.parse().unwrap(),

@@ -16,9 +16,7 @@ use super::auth::{AuditDetail, Caller, Scope};
 use super::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::domain::{OrderStatus, TaskStatus};
 use crate::intake::{IntakeDefaults, OrderRequest, host_allowed, parse_http_url, prepare};
-use crate::store::{
-    ActionOutcome, CallbackRow, IntakeOutcome, OrderAction, OrderRow, TaskRow, TransitionRow,
-};
+use crate::store::{ActionOutcome, IntakeOutcome, OrderAction, OrderRow, TaskRow};
 
 /// An order as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,108 +84,19 @@ impl From<OrderRow> for OrderView {
     }
 }
 
-/// A task as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A task as the API shows it: the row plus its idempotency key.
+#[derive(Debug, Clone, Serialize)]
 pub struct TaskView {
-    pub id: i64,
-    pub order_id: Uuid,
-    pub seq: i32,
-    pub kind: String,
-    pub status: String,
-    pub quantity: i32,
-    pub delivered: i32,
-    pub attempts: i32,
-    pub max_attempts: i32,
-    pub retry_after: DateTime<Utc>,
-    pub last_error: Option<String>,
-    pub last_error_class: Option<String>,
-    pub claimed_by: Option<Uuid>,
-    pub claimed_at: Option<DateTime<Utc>>,
-    pub executed_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    pub task: TaskRow,
     pub idempotency_key: String,
 }
 
 impl From<TaskRow> for TaskView {
-    fn from(t: TaskRow) -> Self {
+    fn from(task: TaskRow) -> Self {
         TaskView {
-            idempotency_key: format!("{}:{}", t.order_id, t.seq),
-            id: t.id,
-            order_id: t.order_id,
-            seq: t.seq,
-            kind: t.kind,
-            status: t.status,
-            quantity: t.quantity,
-            delivered: t.delivered,
-            attempts: t.attempts,
-            max_attempts: t.max_attempts,
-            retry_after: t.retry_after,
-            last_error: t.last_error,
-            last_error_class: t.last_error_class,
-            claimed_by: t.claimed_by,
-            claimed_at: t.claimed_at,
-            executed_at: t.executed_at,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TransitionView {
-    pub occurred_at: DateTime<Utc>,
-    pub from_state: Option<String>,
-    pub to_state: String,
-    pub transition_reason: String,
-    pub error_class: Option<String>,
-    pub actor_id: String,
-    pub attempt: Option<i32>,
-    pub correlation_id: Option<String>,
-}
-
-impl From<TransitionRow> for TransitionView {
-    fn from(t: TransitionRow) -> Self {
-        TransitionView {
-            occurred_at: t.occurred_at,
-            from_state: t.from_state,
-            to_state: t.to_state,
-            transition_reason: t.transition_reason,
-            error_class: t.error_class,
-            actor_id: t.actor_id,
-            attempt: t.attempt,
-            correlation_id: t.correlation_id,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CallbackView {
-    pub id: i64,
-    pub order_id: Uuid,
-    pub event: String,
-    pub url: String,
-    pub format: String,
-    pub status: String,
-    pub attempts: i32,
-    pub last_error: Option<String>,
-    pub response_status: Option<i32>,
-    pub created_at: DateTime<Utc>,
-    pub next_attempt_at: DateTime<Utc>,
-    pub delivered_at: Option<DateTime<Utc>>,
-}
-
-impl From<CallbackRow> for CallbackView {
-    fn from(c: CallbackRow) -> Self {
-        CallbackView {
-            id: c.id,
-            order_id: c.order_id,
-            event: c.event,
-            url: c.url,
-            format: c.format,
-            status: c.status,
-            attempts: c.attempts,
-            last_error: c.last_error,
-            response_status: c.response_status,
-            created_at: c.created_at,
-            next_attempt_at: c.next_attempt_at,
-            delivered_at: c.delivered_at,
+            idempotency_key: format!("{}:{}", task.order_id, task.seq),
+            task,
         }
     }
 }
@@ -552,13 +461,7 @@ pub async fn callbacks(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require(Scope::Read)?;
     load(&st, id).await?;
-    let rows: Vec<CallbackView> = st
-        .store
-        .order_callbacks(id)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let rows = st.store.order_callbacks(id).await?;
     Ok(axum::Json(json!({ "callbacks": rows })))
 }
 
@@ -573,13 +476,7 @@ pub async fn trace(
         .get_task(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
-    let transitions: Vec<TransitionView> = st
-        .store
-        .task_transitions(task.order_id, task.id)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let transitions = st.store.task_transitions(task.order_id, task.id).await?;
     Ok(axum::Json(
         json!({"task": TaskView::from(task), "transitions": transitions}),
     ))

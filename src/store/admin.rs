@@ -39,7 +39,7 @@ pub struct WorkerRow {
 }
 
 /// A task as operators read it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct TaskRow {
     pub id: i64,
     pub order_id: Uuid,
@@ -66,7 +66,7 @@ macro_rules! task_columns {
 }
 
 /// One audited transition.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct TransitionRow {
     pub occurred_at: DateTime<Utc>,
     pub from_state: Option<String>,

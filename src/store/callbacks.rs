@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 
-/// A notification as stored.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A notification as stored (and as the API shows it).
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct CallbackRow {
     pub id: i64,
     pub order_id: Uuid,

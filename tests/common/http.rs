@@ -158,6 +158,27 @@ impl Api {
         r.body["secret"].as_str().unwrap().to_owned()
     }
 
+    /// Creates an order as the admin and returns its id.
+    pub async fn create_order(&self, body: &Value) -> String {
+        let r = self.post("/api/orders", ADMIN_KEY, Some(body)).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        r.body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until every remaining task of the order is dead-lettered.
+    pub async fn wait_attention(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.get(&format!("/api/orders/{id}"), ADMIN_KEY).await.body["needs_attention"]
+            != true
+        {
+            assert!(
+                Instant::now() < deadline,
+                "order {id} never needed attention"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub async fn order_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM orders")
             .fetch_one(self.store.pool())
