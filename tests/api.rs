@@ -1580,3 +1580,36 @@ async fn the_openapi_document_matches_the_router() {
     assert_eq!(routed, documented);
     api.stop().await;
 }
+
+/// `/livez` never touches the database; `/readyz` says whether it is reachable and migrated.
+#[tokio::test]
+async fn livez_ignores_the_database_and_readyz_reports_it() {
+    let client = tally::http::client();
+    for (what, url) in [
+        ("unmigrated", TestDb::empty().await),
+        (
+            "unreachable",
+            "postgres://tally@127.0.0.1:1/none".to_string(),
+        ),
+    ] {
+        let store =
+            tally::store::Store::connect_lazy(&tally::store::StoreOptions::new(&url)).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (trigger, shutdown) = tally::shutdown::channel();
+        let server = tokio::spawn(tally::api::serve_on(
+            listener,
+            store,
+            Default::default(),
+            shutdown,
+        ));
+        let live = client.get(format!("{base}/livez")).send().await.unwrap();
+        assert_eq!(live.status(), 200, "{what}");
+        let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 503, "{what}");
+        let body: Value = serde_json::from_slice(&ready.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "unavailable", "{what}");
+        trigger.fire();
+        server.await.unwrap().unwrap();
+    }
+}

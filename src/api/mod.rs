@@ -191,8 +191,18 @@ async fn livez() -> Response {
     axum::Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
+/// Answers within [`READY_DEADLINE`] whatever the database does (probes have short timeouts).
+const READY_DEADLINE: Duration = Duration::from_secs(2);
+
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.store.migrations_current().await {
+    let checked = tokio::time::timeout(READY_DEADLINE, state.store.migrations_current()).await;
+    let checked = checked.unwrap_or_else(|_| {
+        Err(crate::store::StoreError::Timeout {
+            op: "checking readiness",
+            timeout: READY_DEADLINE,
+        })
+    });
+    match checked {
         Ok(true) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
         Ok(false) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
