@@ -1613,3 +1613,42 @@ async fn livez_ignores_the_database_and_readyz_reports_it() {
         server.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test]
+async fn orphans_are_listed_and_make_the_health_check_fail() {
+    let db = TestDb::new().await;
+    let api = Api::start(&db).await;
+    OrderSpec::units(10, 10).generated(&db.store).await;
+    let dead_worker = uuid::Uuid::new_v4();
+    let task = claim_one(&db.store, dead_worker).await;
+    sqlx::query(
+        "UPDATE order_tasks SET lease_expires_at = now() - interval '5 seconds' WHERE id = $1",
+    )
+    .bind(task.id)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let o = api
+        .get("/api/admin/invariants/orphans", ADMIN_KEY)
+        .await
+        .body;
+    assert_eq!(o["count"], 1);
+    assert_eq!(o["orphans"][0]["task_id"], task.id);
+    assert_eq!(o["orphans"][0]["claimed_by"], dead_worker.to_string());
+    assert!(
+        o["orphans"][0]["lease_expired_seconds_ago"]
+            .as_f64()
+            .unwrap()
+            >= 4.0,
+        "{o}"
+    );
+    let h = api.get("/api/admin/health", ADMIN_KEY).await.body;
+    assert_eq!(
+        (h["verdict"].as_str(), h["orphans"].as_i64()),
+        (Some("unhealthy"), Some(1))
+    );
+    assert!(h["problems"].to_string().contains("orphaned"), "{h}");
+    let cap = api.get("/api/admin/capacity", ADMIN_KEY).await.body;
+    assert_eq!(cap["executing"], 1);
+    api.stop().await;
+}
