@@ -1652,3 +1652,45 @@ async fn orphans_are_listed_and_make_the_health_check_fail() {
     assert_eq!(cap["executing"], 1);
     api.stop().await;
 }
+
+#[tokio::test]
+async fn a_kind_limits_its_concurrency_and_a_paused_kind_is_not_claimed() {
+    let db = TestDb::new().await;
+    let api = Api::start(&db).await;
+    let rx = Receiver::start().await;
+    rx.always(Answer::status(200).delay(Duration::from_millis(300)));
+    let r = api
+        .put(
+            "/api/admin/kinds/narrow",
+            ADMIN_KEY,
+            &json!({"handler": "webhook",
+        "webhook": {"url": rx.url("/n")}, "concurrency_limit": 2, "paused": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
+    let id = api
+        .create_order(&json!({"kind": "narrow", "target": "t", "quantity": 10, "chunk_size": 1}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(rx.calls().len(), 0, "a paused kind's tasks are not claimed");
+    assert_eq!(
+        api.post("/api/admin/kinds/narrow/resume", ADMIN_KEY, None)
+            .await
+            .status,
+        200
+    );
+    wait_order(&api, &id, "COMPLETED", Duration::from_secs(30)).await;
+    // Each call takes 300 ms; with a limit of 2 no third call can start within 250 ms of two others.
+    let at: Vec<_> = rx.calls().iter().map(|c| c.at).collect();
+    assert_eq!(at.len(), 10);
+    for (i, t) in at.iter().enumerate() {
+        let close = at[..=i]
+            .iter()
+            .filter(|u| t.duration_since(**u) < Duration::from_millis(250))
+            .count();
+        assert!(close <= 2, "call {i} started with {close} calls in flight");
+    }
+    pod.stop().await;
+    api.stop().await;
+}
