@@ -36,6 +36,24 @@ pub async fn run_roles(
     process_id: Uuid,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    // /metrics on its own port, from the start.
+    let metrics_server = match settings.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("TALLY_METRICS_ADDR {addr}: cannot listen: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+            let (metrics, store, shutdown) =
+                (stats.metrics.clone(), store.clone(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, metrics, store, shutdown).await {
+                    tracing::error!(error = %e, "the metrics endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     // The API listens first: /livez answers at once and /readyz says "not ready" until the
     // migrations are in. A port that cannot be bound is a start-up error.
     let api = if settings.roles.contains(&Role::Api) {
@@ -44,8 +62,11 @@ pub async fn run_roles(
             .await
             .map_err(|e| anyhow::anyhow!("TALLY_API_ADDR {addr}: cannot listen: {e}"))?;
         let (store, config, shutdown) = (store.clone(), settings.api.clone(), shutdown.clone());
+        let metrics = stats.metrics.clone();
         Some(tokio::spawn(async move {
-            if let Err(e) = crate::api::serve_on(listener, store, config, shutdown).await {
+            if let Err(e) =
+                crate::api::serve_with_metrics(listener, store, config, metrics, shutdown).await
+            {
                 tracing::error!(error = %e, "the API stopped");
             }
         }))
@@ -55,6 +76,9 @@ pub async fn run_roles(
     if !wait_for_schema(&store, &shutdown).await {
         if let Some(api) = api {
             let _ = api.await;
+        }
+        if let Some(m) = metrics_server {
+            let _ = m.await;
         }
         return Ok(());
     }
@@ -87,7 +111,6 @@ pub async fn run_roles(
     }
     tracing::info!(process.id = %process_id, roles = %reg.roles, "tally started");
 
-    let stats = Arc::new(Stats::default());
     let actor = process_id.to_string();
     // The heartbeat outlives the roles: it must keep leases alive while the worker drains.
     let (hb_stop_trigger, hb_stop) = crate::shutdown::channel();
@@ -126,6 +149,7 @@ pub async fn run_roles(
                 let callbacks = tokio::spawn(crate::callbacks::run(
                     store.clone(),
                     settings.callbacks.clone(),
+                    stats.metrics.clone(),
                     shutdown.clone(),
                 ));
                 tokio::spawn(async move {
@@ -157,6 +181,9 @@ pub async fn run_roles(
     }
     if let Some(api) = api {
         let _ = api.await;
+    }
+    if let Some(m) = metrics_server {
+        let _ = m.await;
     }
     hb_stop_trigger.fire();
     let _ = heartbeat.await;

@@ -42,7 +42,12 @@ fn backoff() -> Backoff {
 }
 
 /// Delivers due notifications until shutdown.
-pub async fn run(store: Store, config: CallbackConfig, shutdown: Shutdown) {
+pub async fn run(
+    store: Store,
+    config: CallbackConfig,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    shutdown: Shutdown,
+) {
     let client = crate::http::client();
     while !shutdown.is_triggered() {
         let _ = store.fail_exhausted_callbacks().await;
@@ -60,8 +65,17 @@ pub async fn run(store: Store, config: CallbackConfig, shutdown: Shutdown) {
         let mut running = Vec::with_capacity(jobs.len());
         for job in jobs {
             let (store, client, config) = (store.clone(), client.clone(), config.clone());
+            let metrics = metrics.clone();
             running.push(tokio::spawn(async move {
                 let result = deliver(&client, &config, &job).await;
+                let outcome = if result.delivered {
+                    "delivered"
+                } else if job.attempts >= job.max_attempts {
+                    "failed"
+                } else {
+                    "retry"
+                };
+                metrics.callbacks_total.with_label_values(&[outcome]).inc();
                 if let Some(e) = &result.error {
                     tracing::info!(callback.id = job.id, order.id = %job.order_id, attempt = job.attempts, error = %e, "order callback failed");
                 }

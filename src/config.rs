@@ -169,6 +169,9 @@ pub struct ApiArgs {
     /// Hosts order callback URLs may name, comma-separated (empty: any).
     #[arg(long, env = "TALLY_CALLBACK_ALLOWED_HOSTS", value_delimiter = ',')]
     pub callback_allowed_hosts: Vec<String>,
+    /// Where `/metrics` listens (Prometheus text format); `off` disables it.
+    #[arg(long, env = "TALLY_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_addr: String,
     /// Signs order callbacks (X-Tally-Signature), like webhook kinds' signing_secret.
     #[arg(long, env = "TALLY_CALLBACK_SIGNING_SECRET", hide_env_values = true)]
     pub callback_signing_secret: Option<String>,
@@ -347,6 +350,8 @@ pub struct ServeSettings {
     pub kinds: Vec<crate::store::KindRow>,
     /// Keep the built-in `simulate` kind.
     pub simulate_kind: bool,
+    /// Where `/metrics` listens (None: not served).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -381,6 +386,12 @@ impl ServeArgs {
         {
             return Err("TALLY_CALLBACK_SIGNING_SECRET must be 16 to 512 bytes".into());
         }
+        let metrics_addr = match a.metrics_addr.trim() {
+            "off" | "" => None,
+            other => Some(other.parse().map_err(|_| {
+                format!("TALLY_METRICS_ADDR must be an address like 127.0.0.1:9090 or off, got {other:?}")
+            })?),
+        };
         let callback_hosts: Vec<String> = a
             .callback_allowed_hosts
             .iter()
@@ -449,6 +460,7 @@ impl ServeArgs {
             },
             kinds,
             simulate_kind: a.simulate_kind,
+            metrics_addr,
         })
     }
 }

@@ -59,6 +59,10 @@ pub struct DemoArgs {
     /// The demo's admin API key (default: a fresh random one).
     #[arg(long, hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Serve `/metrics` from each process on consecutive ports from this one (the
+    /// api/generator/sweeper process first, then the workers); default: no metrics.
+    #[arg(long)]
+    pub metrics_port_base: Option<u16>,
     /// After the verdict, keep PostgreSQL, the API and the workers running until Ctrl-C,
     /// to try the API and the CLI against them.
     #[arg(long)]
@@ -227,7 +231,11 @@ fn start_fleet(
 ) -> anyhow::Result<Fleet> {
     let exe = std::env::current_exe().context("locating the tally binary")?;
     let mut children = Vec::new();
-    let spawn = |name: String, roles: &str| -> anyhow::Result<(String, Child)> {
+    let metrics_addr = |i: u32| match args.metrics_port_base {
+        Some(base) => format!("127.0.0.1:{}", u32::from(base) + i),
+        None => "off".into(),
+    };
+    let spawn = |name: String, roles: &str, i: u32| -> anyhow::Result<(String, Child)> {
         let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
         let child = Command::new(&exe)
             .args(["serve", "--roles", roles])
@@ -249,6 +257,7 @@ fn start_fleet(
                 args.failure_rate.to_string(),
             )
             .env("TALLY_API_ADDR", api_addr.to_string())
+            .env("TALLY_METRICS_ADDR", metrics_addr(i))
             .env("TALLY_ADMIN_API_KEY", &api.key)
             .env("RUST_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
@@ -259,9 +268,18 @@ fn start_fleet(
             .with_context(|| format!("starting {}", exe.display()))?;
         Ok((name, child))
     };
-    children.push(spawn("api-sweeper".into(), "api,generator,sweeper")?);
+    children.push(spawn("api-sweeper".into(), "api,generator,sweeper", 0)?);
     for i in 0..args.workers {
-        children.push(spawn(format!("worker-{i}"), "worker")?);
+        children.push(spawn(format!("worker-{i}"), "worker", i + 1)?);
+    }
+    if let Some(base) = args.metrics_port_base {
+        say(
+            args,
+            &format!(
+                "metrics: http://127.0.0.1:{base}/metrics … :{}/metrics",
+                u32::from(base) + args.workers
+            ),
+        );
     }
     Ok(Fleet {
         children,

@@ -36,6 +36,7 @@ pub mod http;
 pub mod intake;
 pub mod kinds;
 pub mod leader;
+pub mod metrics;
 pub mod pgtemp;
 pub mod shutdown;
 pub mod stats;

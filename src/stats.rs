@@ -2,11 +2,12 @@
 //! claims it really holds (whose leases the heartbeat renews).
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
+use crate::metrics::Metrics;
 use crate::store::WorkerCounters;
 
 #[derive(Debug, Default)]
@@ -24,6 +25,8 @@ pub struct Stats {
     /// in here, so its lease runs out and the sweeper rescues it instead of it being kept
     /// alive forever by a worker that does not know it holds it.
     held: Mutex<HashSet<Uuid>>,
+    /// The process's Prometheus metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Stats {

@@ -122,6 +122,7 @@ impl Sweeper {
         let n = applied.task_ids.len() as u64;
         if n > 0 {
             Stats::add(&self.stats.recovered_orphans, n as i64);
+            self.stats.metrics.orphans_recovered_total.inc_by(n);
             tracing::warn!(recovered = n, "recovered orphaned tasks");
         }
         Ok(n)
@@ -161,6 +162,11 @@ impl Sweeper {
             checks.push((id, ledger, json));
         }
         self.store.record_checks(&checks, &self.actor).await?;
+        let m = &self.stats.metrics.invariant_checks_total;
+        let failed = report.violations.len() as u64;
+        m.with_label_values(&["failed"]).inc_by(failed);
+        m.with_label_values(&["passed"])
+            .inc_by(report.orders_checked.saturating_sub(failed));
         Ok(report)
     }
 
@@ -213,9 +219,47 @@ impl Sweeper {
     pub async fn run(self, mut leadership: Leadership, shutdown: Shutdown) {
         let long_ago = Instant::now() - Duration::from_secs(24 * 3600);
         let (mut last_audit, mut last_retention, mut last_stuck) = (long_ago, long_ago, long_ago);
+        let mut last_gauges = long_ago;
+        let metrics = self.stats.metrics.clone();
         while !shutdown.is_triggered() {
-            if leadership.tick().await.is_some() {
+            let leading = leadership.tick().await.is_some();
+            metrics
+                .leader
+                .with_label_values(&["sweeper"])
+                .set(i64::from(leading));
+            if !leading {
+                metrics.set_cluster_export(false);
+            }
+            if leading {
                 let now = Instant::now();
+                if now.duration_since(last_gauges) >= crate::metrics::CLUSTER_GAUGES_EVERY {
+                    last_gauges = now;
+                    match self.store.cluster_gauges().await {
+                        Ok(g) => {
+                            metrics.tasks_pending.set(g.pending);
+                            metrics.tasks_executing.set(g.executing);
+                            metrics.dead_letter_queue.set(g.dead_letter);
+                            metrics.executing_over_5m.set(g.executing_over_5m);
+                            metrics.worker_active.set(g.workers);
+                            metrics
+                                .orders_open
+                                .with_label_values(&["PENDING"])
+                                .set(g.orders_pending);
+                            metrics
+                                .orders_open
+                                .with_label_values(&["PROCESSING"])
+                                .set(g.orders_processing);
+                            metrics.orders_needing_attention.set(g.orders_attention);
+                            metrics.oldest_processing_age.set(g.oldest_processing_secs);
+                            metrics.paused.set(i64::from(g.paused));
+                            metrics
+                                .fault_injection_enabled
+                                .set(i64::from(g.fault_injection));
+                            metrics.set_cluster_export(true);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading the cluster gauges failed"),
+                    }
+                }
                 log_err("rescue", self.rescue_once().await);
                 log_err("finalise", self.finalise_once().await);
                 log_err(
@@ -245,6 +289,8 @@ impl Sweeper {
                 _ = shutdown.wait() => break,
             }
         }
+        metrics.set_cluster_export(false);
+        metrics.leader.with_label_values(&["sweeper"]).set(0);
         leadership.release().await;
     }
 }

@@ -254,6 +254,7 @@ async fn api_keys_never_reach_the_logs_even_at_debug() {
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["serve", "--roles", "api"])
         .env("TALLY_DATABASE_URL", &db.url)
+        .env("TALLY_METRICS_ADDR", "off")
         .env("TALLY_API_ADDR", format!("127.0.0.1:{port}"))
         .env("TALLY_ADMIN_API_KEY", admin)
         .env("RUST_LOG", "trace")

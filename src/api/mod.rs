@@ -71,6 +71,7 @@ impl Default for ApiConfig {
 pub struct AppState {
     pub store: Store,
     pub config: Arc<ApiConfig>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Every route.
@@ -140,6 +141,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .with_state(state)
 }
 
@@ -151,11 +153,22 @@ pub async fn serve(store: Store, config: ApiConfig, shutdown: Shutdown) -> anyho
     serve_on(listener, store, config, shutdown).await
 }
 
-/// Like [`serve`] on a bound listener (tests bind port 0).
+/// Like [`serve`] on a bound listener (tests bind port 0), with metrics of its own.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     store: Store,
     config: ApiConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    serve_with_metrics(listener, store, config, Default::default(), shutdown).await
+}
+
+/// Serves on `listener`, recording into `metrics`.
+pub async fn serve_with_metrics(
+    listener: tokio::net::TcpListener,
+    store: Store,
+    config: ApiConfig,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     if let Some(key) = config.admin_key.clone() {
@@ -180,11 +193,37 @@ pub async fn serve_on(
     let app = router(AppState {
         store,
         config: Arc::new(config),
+        metrics,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await?;
     Ok(())
+}
+
+/// Counts every request by route template (never the raw path: ids would make the label
+/// set unbounded), method and status, and times it.
+async fn measure(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let method = req.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    m.http_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    m.http_requests_total
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .inc();
+    resp
 }
 
 async fn livez() -> Response {

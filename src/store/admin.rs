@@ -116,6 +116,22 @@ pub struct HealthRow {
     pub leader: Option<Uuid>,
 }
 
+/// The cluster-wide gauges the leader exports (each count walks a partial index).
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct ClusterGauges {
+    pub pending: i64,
+    pub executing: i64,
+    pub dead_letter: i64,
+    pub executing_over_5m: i64,
+    pub workers: i64,
+    pub orders_pending: i64,
+    pub orders_processing: i64,
+    pub orders_attention: i64,
+    pub oldest_processing_secs: f64,
+    pub paused: bool,
+    pub fault_injection: bool,
+}
+
 /// The latest recorded invariant check of an order.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RecordedChecks {
@@ -124,6 +140,31 @@ pub struct RecordedChecks {
 }
 
 impl Store {
+    pub async fn cluster_gauges(&self) -> Result<ClusterGauges, StoreError> {
+        self.call("reading the cluster gauges", async {
+            sqlx::query_as(
+                "SELECT \
+                   (SELECT count(*) FROM order_tasks WHERE status IN ('PENDING', 'FAILED_RETRYING')) AS pending, \
+                   (SELECT count(*) FROM order_tasks WHERE status = 'EXECUTING') AS executing, \
+                   (SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT') AS dead_letter, \
+                   (SELECT count(*) FROM order_tasks WHERE status = 'EXECUTING' \
+                      AND claimed_at < now() - interval '5 minutes') AS executing_over_5m, \
+                   (SELECT count(*) FROM workers WHERE stopped_at IS NULL AND lease_expires_at > now() \
+                      AND roles LIKE '%worker%') AS workers, \
+                   (SELECT count(*) FROM orders WHERE status = 'PENDING') AS orders_pending, \
+                   (SELECT count(*) FROM orders WHERE status = 'PROCESSING') AS orders_processing, \
+                   (SELECT count(*) FROM orders WHERE status = 'PROCESSING' AND needs_attention) AS orders_attention, \
+                   (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM orders \
+                      WHERE status = 'PROCESSING') AS oldest_processing_secs, \
+                   (SELECT paused FROM tally_control WHERE id) AS paused, \
+                   (SELECT fault_injection_enabled FROM tally_control WHERE id) AS fault_injection",
+            )
+            .fetch_one(self.pool())
+            .await
+        })
+        .await
+    }
+
     pub async fn control(&self) -> Result<ControlRow, StoreError> {
         self.call("reading the controls", async {
             sqlx::query_as(

@@ -36,7 +36,7 @@ pub use leader::LeaseGrant;
 pub use ops::{ActionOutcome, OrderAction};
 pub use orders::{GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, IntakeOutcome, NewOrder, OrderRow};
 pub use sweep::{ExpiredTask, RetentionReport};
-pub use tasks::{ClaimedTask, TaskUpdate, UpdateFence};
+pub use tasks::{Applied, ClaimedTask, TaskUpdate, UpdateFence};
 pub use workers::{WorkerCounters, WorkerRegistration};
 
 /// Channel that tells workers new tasks may be claimable.

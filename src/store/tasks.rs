@@ -26,6 +26,8 @@ pub struct ClaimedTask {
     /// `kinds.updated_at` of the task's kind when it was claimed (None: not a stored kind),
     /// so a worker notices a changed kind before it runs the task.
     pub kind_version: Option<chrono::DateTime<chrono::Utc>>,
+    /// Seconds from the task becoming claimable (created, or its retry due) to this claim.
+    pub pickup_secs: f64,
 }
 
 impl ClaimedTask {
@@ -104,7 +106,9 @@ claimed AS (
         updated_at = now()
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.attempts < t.max_attempts
     RETURNING t.id, t.order_id, t.seq, t.kind, t.quantity, t.delivered, t.attempts,
-              t.max_attempts, t.claim_token
+              t.max_attempts, t.claim_token,
+              greatest(extract(epoch FROM now() - greatest(t.created_at, t.retry_after)), 0)::float8
+                  AS pickup_secs
 ),
 audit AS (
     INSERT INTO order_task_transitions
@@ -114,7 +118,7 @@ audit AS (
     JOIN picked p ON p.id = c.id
 )
 SELECT c.id, c.order_id, c.seq, c.kind, c.quantity, c.delivered, c.attempts, c.max_attempts,
-       c.claim_token, o.target, o.trace_context, k.updated_at AS kind_version
+       c.claim_token, o.target, o.trace_context, k.updated_at AS kind_version, c.pickup_secs
 FROM claimed c
 CROSS JOIN LATERAL (SELECT target, trace_context FROM orders WHERE id = c.order_id) o
 LEFT JOIN LATERAL (SELECT updated_at FROM kinds WHERE name = c.kind) k ON true
@@ -192,7 +196,7 @@ ord AS (
     FROM agg a
     JOIN locked l ON l.id = a.order_id
     WHERE o.id = l.id
-    RETURNING o.id, l.old_status, o.status
+    RETURNING o.id, l.old_status, o.status, extract(epoch FROM now() - o.created_at)::float8 AS age
 ),
 audit_tasks AS (
     INSERT INTO order_task_transitions
@@ -214,6 +218,8 @@ wake AS (
 SELECT coalesce((SELECT array_agg(id) FROM upd), '{}') AS applied,
        coalesce((SELECT array_agg(id) FROM ord WHERE status = 'COMPLETED' AND old_status <> status),
                 '{}') AS completed_orders,
+       coalesce((SELECT array_agg(age) FROM ord WHERE status = 'COMPLETED' AND old_status <> status),
+                '{}') AS completed_ages,
        (SELECT count(*) FROM wake) AS woke
 "#;
 
@@ -224,6 +230,8 @@ pub struct Applied {
     pub task_ids: Vec<i64>,
     /// Orders that became COMPLETED in this write.
     pub completed_orders: Vec<Uuid>,
+    /// Their ages (seconds since creation), in the same order.
+    pub completed_ages: Vec<f64>,
 }
 
 impl Store {
@@ -294,7 +302,7 @@ impl Store {
             tries += 1;
             let res = self
                 .call("writing task outcomes", async {
-                    sqlx::query_as::<_, (Vec<i64>, Vec<Uuid>, i64)>(APPLY)
+                    sqlx::query_as::<_, (Vec<i64>, Vec<Uuid>, Vec<f64>, i64)>(APPLY)
                         .bind(&ids)
                         .bind(&tokens)
                         .bind(&to_states)
@@ -313,10 +321,11 @@ impl Store {
                 })
                 .await;
             match res {
-                Ok((task_ids, completed_orders, _)) => {
+                Ok((task_ids, completed_orders, completed_ages, _)) => {
                     return Ok(Applied {
                         task_ids,
                         completed_orders,
+                        completed_ages,
                     });
                 }
                 Err(e) if e.is_transient_conflict() && tries < 5 => {

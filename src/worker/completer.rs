@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::Finished;
 use crate::domain::TaskStatus;
-use crate::domain::state::{Transition, decide};
+use crate::domain::state::decide;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{Store, TaskUpdate, UpdateFence};
@@ -52,7 +52,13 @@ pub(super) async fn run(
                 }
             })
             .collect();
-        write(&store, &updates, &actor, &stats, &hard_stop).await;
+        let kinds: std::collections::HashMap<i64, &str> = batch
+            .iter()
+            .map(|f| (f.task.id, f.task.kind.as_str()))
+            .collect();
+        if let Some(applied) = write(&store, &updates, &actor, &hard_stop).await {
+            count(&stats, &updates, &applied, &kinds);
+        }
         handed_back += updates
             .iter()
             .filter(|u| u.transition.is_hand_back())
@@ -72,9 +78,8 @@ async fn write(
     store: &Store,
     updates: &[TaskUpdate],
     actor: &str,
-    stats: &Stats,
     hard_stop: &Shutdown,
-) {
+) -> Option<crate::store::Applied> {
     let mut delay = Duration::from_millis(50);
     loop {
         match store
@@ -82,15 +87,7 @@ async fn write(
             .await
         {
             Ok(applied) => {
-                let applied_ids: std::collections::HashSet<i64> =
-                    applied.task_ids.iter().copied().collect();
-                let written: Vec<&Transition> = updates
-                    .iter()
-                    .filter(|u| applied_ids.contains(&u.task_id))
-                    .map(|u| &u.transition)
-                    .collect();
-                count(stats, &written);
-                let fenced = updates.len() - written.len();
+                let fenced = updates.len() - applied.task_ids.len();
                 if fenced > 0 {
                     tracing::warn!(
                         fenced,
@@ -100,12 +97,12 @@ async fn write(
                 for order in &applied.completed_orders {
                     tracing::info!(order.id = %order, "order completed");
                 }
-                return;
+                return Some(applied);
             }
             Err(e) => {
                 if hard_stop.is_triggered() && delay >= Duration::from_secs(1) {
                     tracing::error!(error = %e, tasks = updates.len(), "giving up on writing outcomes during shutdown; the sweeper will rescue these tasks");
-                    return;
+                    return None;
                 }
                 tracing::warn!(error = %e, retry_in = ?delay, "writing outcomes failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -115,17 +112,53 @@ async fn write(
     }
 }
 
-fn count(stats: &Stats, written: &[&Transition]) {
-    for t in written {
+/// Heartbeat counters and metrics for the outcomes that were written; fenced ones count
+/// only as `fenced` attempts.
+fn count(
+    stats: &Stats,
+    updates: &[TaskUpdate],
+    applied: &crate::store::Applied,
+    kinds: &std::collections::HashMap<i64, &str>,
+) {
+    let m = &stats.metrics;
+    let written: std::collections::HashSet<i64> = applied.task_ids.iter().copied().collect();
+    for u in updates {
+        let t = &u.transition;
+        let kind = kinds.get(&u.task_id).copied().unwrap_or("");
+        if !written.contains(&u.task_id) {
+            m.attempts_total.with_label_values(&[kind, "fenced"]).inc();
+            continue;
+        }
+        let outcome = match t.reason {
+            "delivered" => "delivered",
+            "partial_delivery" => "partial",
+            "retry_scheduled" => "retry",
+            "dead_lettered" => "dead_lettered",
+            _ => "handed_back",
+        };
+        m.attempts_total.with_label_values(&[kind, outcome]).inc();
         if t.is_hand_back() {
             continue;
         }
+        m.tasks_total.with_label_values(&[t.to.as_str()]).inc();
+        m.units_total
+            .with_label_values(&["delivered"])
+            .inc_by(u64::from(t.delivered_delta));
+        m.units_total
+            .with_label_values(&["failed"])
+            .inc_by(t.failed_units_delta.max(0) as u64);
         Stats::add(&stats.processed, 1);
         match t.to {
             TaskStatus::Completed => Stats::add(&stats.completed, 1),
             TaskStatus::FailedPermanent => Stats::add(&stats.failed, 1),
-            TaskStatus::FailedRetrying => Stats::add(&stats.retries, 1),
+            TaskStatus::FailedRetrying => {
+                Stats::add(&stats.retries, 1);
+                m.retries_total.inc();
+            }
             _ => {}
         }
+    }
+    for age in &applied.completed_ages {
+        m.order_completion.observe(*age);
     }
 }

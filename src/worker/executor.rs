@@ -8,6 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use crate::domain::{Backoff, ErrorClass, TaskEvent};
 use crate::handler::{HandlerError, TaskInput};
 use crate::kinds::KindRuntime;
+use crate::metrics::{BatchTimer, Metrics};
 use crate::shutdown::Shutdown;
 use crate::store::ClaimedTask;
 
@@ -19,13 +20,15 @@ pub struct Finished {
     /// The kind's retry delays.
     pub backoff: Backoff,
     pub permit: OwnedSemaphorePermit,
+    /// The claim batch this task came in (its duration is observed when the last is written).
+    pub batch: Arc<BatchTimer>,
 }
 
 pub(super) async fn execute(
     task: ClaimedTask,
     kind: Option<Arc<KindRuntime>>,
     fault_rate: f64,
-    permit: OwnedSemaphorePermit,
+    (permit, batch, metrics): (OwnedSemaphorePermit, Arc<BatchTimer>, Arc<Metrics>),
     claim_timeout: Duration,
     out: mpsc::Sender<Finished>,
     hard_stop: Shutdown,
@@ -58,12 +61,17 @@ pub(super) async fn execute(
                     Some(s) => s.clone().acquire_owned().await.ok(),
                     None => None,
                 };
-                k.handler.deliver(&input).await
+                let started = std::time::Instant::now();
+                let r = k.handler.deliver(&input).await;
+                metrics
+                    .task_duration
+                    .observe(started.elapsed().as_secs_f64());
+                r
             };
             tokio::select! {
                 biased;
                 _ = hard_stop.wait() => {
-                    let _ = out.send(Finished { task, event: TaskEvent::HandedBack, error: None, backoff, permit }).await;
+                    let _ = out.send(Finished { task, event: TaskEvent::HandedBack, error: None, backoff, permit, batch }).await;
                     return;
                 }
                 r = tokio::time::timeout(claim_timeout, attempt) => match r {
@@ -96,6 +104,7 @@ pub(super) async fn execute(
             error,
             backoff,
             permit,
+            batch,
         })
         .await;
 }

@@ -183,6 +183,7 @@ impl Worker {
                 }
                 continue;
             }
+            let claim_started = std::time::Instant::now();
             let claimed = match self
                 .store
                 .claim_tasks(self.id, want, &kinds, cfg.lease_ttl)
@@ -217,6 +218,14 @@ impl Worker {
                 catalog
             };
             let got = claimed.len() as u32;
+            let m = &self.stats.metrics;
+            m.claim_duration
+                .observe(claim_started.elapsed().as_secs_f64());
+            m.claim_batch_size.observe(f64::from(got));
+            for t in &claimed {
+                m.pickup_latency.observe(t.pickup_secs);
+            }
+            let batch = crate::metrics::BatchTimer::start(m.clone());
             self.stats.hold(claimed.iter().map(|t| t.claim_token));
             report.claimed += u64::from(got);
             for task in claimed {
@@ -226,7 +235,7 @@ impl Worker {
                     task,
                     runtime,
                     catalog.fault_rate,
-                    permit,
+                    (permit, batch.clone(), m.clone()),
                     cfg.claim_timeout,
                     tx.clone(),
                     hard_stop.clone(),

@@ -270,6 +270,7 @@ pub fn settings(url: &str, roles: &[Role]) -> ServeSettings {
         },
         kinds: Vec::new(),
         simulate_kind: true,
+        metrics_addr: None,
     }
 }
 
@@ -393,6 +394,8 @@ pub fn spawn_tally(url: &str, args: &[&str], env: &[(&str, &str)]) -> tokio::pro
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
     cmd.args(args)
         .env("TALLY_DATABASE_URL", url)
+        // Tests run in parallel: no process may take the default metrics port.
+        .env("TALLY_METRICS_ADDR", "off")
         .env("RUST_LOG", "info,sqlx=warn")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
