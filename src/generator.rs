@@ -56,14 +56,21 @@ impl Generator {
 
     /// One bounded pass.
     pub async fn run_once(&self) -> Result<GenerateReport, StoreError> {
-        let (orders, tasks) = self
-            .store
-            .generate_tasks_budgeted(
+        let span = tracing::info_span!(
+            "orders.generate",
+            orders = tracing::field::Empty,
+            tasks = tracing::field::Empty
+        );
+        let (orders, tasks) = tracing::Instrument::instrument(
+            self.store.generate_tasks_budgeted(
                 self.config.orders_per_pass_max,
                 self.config.tasks_per_pass_max,
                 &self.actor,
-            )
-            .await?;
+            ),
+            span.clone(),
+        )
+        .await?;
+        span.record("orders", orders).record("tasks", tasks);
         if orders > 0 {
             tracing::info!(orders, tasks, "generated tasks");
         }

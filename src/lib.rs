@@ -42,4 +42,5 @@ pub mod shutdown;
 pub mod stats;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 pub mod worker;

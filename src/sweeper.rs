@@ -214,6 +214,39 @@ impl Sweeper {
         Ok(r)
     }
 
+    /// The leader's work for one tick: each service on its own interval.
+    async fn leader_pass(
+        &self,
+        now: Instant,
+        last_audit: &mut Instant,
+        last_stuck: &mut Instant,
+        last_retention: &mut Instant,
+    ) {
+        log_err("rescue", self.rescue_once().await);
+        log_err("finalise", self.finalise_once().await);
+        log_err(
+            "close-out",
+            self.store.close_out_finished_orders(100, &self.actor).await,
+        );
+        log_err(
+            "callback queueing",
+            self.store.enqueue_callbacks(500, CALLBACK_ATTEMPTS).await,
+        );
+        if now.duration_since(*last_audit) >= self.config.audit_interval {
+            *last_audit = now;
+            log_err("audit", self.audit_once().await);
+        }
+        if now.duration_since(*last_stuck) >= Duration::from_secs(60) {
+            *last_stuck = now;
+            log_err("stuck-order scan", self.stuck_once().await);
+            log_err("worker reaping", self.store.reap_workers().await);
+        }
+        if now.duration_since(*last_retention) >= self.config.retention_interval {
+            *last_retention = now;
+            log_err("retention", self.retention_once().await);
+        }
+    }
+
     /// The leader loop: renew the lease every tick; while leading, run each service on its
     /// interval. Releases the lease on shutdown so a standby takes over at once.
     pub async fn run(self, mut leadership: Leadership, shutdown: Shutdown) {
@@ -260,29 +293,12 @@ impl Sweeper {
                         Err(e) => tracing::warn!(error = %e, "reading the cluster gauges failed"),
                     }
                 }
-                log_err("rescue", self.rescue_once().await);
-                log_err("finalise", self.finalise_once().await);
-                log_err(
-                    "close-out",
-                    self.store.close_out_finished_orders(100, &self.actor).await,
-                );
-                log_err(
-                    "callback queueing",
-                    self.store.enqueue_callbacks(500, CALLBACK_ATTEMPTS).await,
-                );
-                if now.duration_since(last_audit) >= self.config.audit_interval {
-                    last_audit = now;
-                    log_err("audit", self.audit_once().await);
-                }
-                if now.duration_since(last_stuck) >= Duration::from_secs(60) {
-                    last_stuck = now;
-                    log_err("stuck-order scan", self.stuck_once().await);
-                    log_err("worker reaping", self.store.reap_workers().await);
-                }
-                if now.duration_since(last_retention) >= self.config.retention_interval {
-                    last_retention = now;
-                    log_err("retention", self.retention_once().await);
-                }
+                let pass = tracing::info_span!("sweeper.pass");
+                tracing::Instrument::instrument(
+                    self.leader_pass(now, &mut last_audit, &mut last_stuck, &mut last_retention),
+                    pass,
+                )
+                .await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.tick_interval) => {}

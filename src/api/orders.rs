@@ -112,11 +112,38 @@ fn valid_traceparent(v: &str) -> bool {
         })
 }
 
+/// `POST /api/orders`, in an `order.intake` span: a child of the caller's `traceparent`,
+/// and the context stored with the order, so that its task attempts continue the trace.
 pub async fn create(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Json(req): Json<OrderRequest>,
+) -> ApiResult<Response> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "order.intake",
+        order.kind = %req.kind,
+        order.quantity = req.quantity,
+        order.id = tracing::field::Empty
+    );
+    if let Some(tp) = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_traceparent(v))
+    {
+        crate::telemetry::set_parent(&span, tp);
+    }
+    create_in_span(st, caller, headers, req)
+        .instrument(span)
+        .await
+}
+
+async fn create_in_span(
+    st: AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    req: OrderRequest,
 ) -> ApiResult<Response> {
     caller.require(Scope::Operate)?;
     let key = match headers.get("idempotency-key") {
@@ -128,10 +155,14 @@ pub async fn create(
             )
         })?),
     };
-    let trace = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| valid_traceparent(v));
+    // This span's context when traces are exported, else the caller's header as it came.
+    let trace = crate::telemetry::traceparent(&tracing::Span::current()).or_else(|| {
+        headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| valid_traceparent(v))
+            .map(str::to_owned)
+    });
     if !crate::kinds::valid_name(&req.kind) {
         return Err(ApiError::invalid(
             "kind",
@@ -190,7 +221,7 @@ pub async fn create(
         chunk_size: kind.default_chunk_size.max(1) as u32,
         max_attempts: kind.max_attempts.max(1) as u32,
     };
-    let order = prepare(&req, defaults, key, trace)?;
+    let order = prepare(&req, defaults, key, trace.as_deref())?;
     let (id, replayed) = match st.store.create_order(&order).await? {
         IntakeOutcome::Created(id) => (id, false),
         IntakeOutcome::Replayed(id) => (id, true),
@@ -205,6 +236,7 @@ pub async fn create(
             });
         }
     };
+    tracing::Span::current().record("order.id", tracing::field::display(id));
     let row = st
         .store
         .get_order(id)

@@ -94,6 +94,20 @@ impl Webhook {
 
     async fn call(&self, task: &TaskInput) -> Result<u32, HandlerError> {
         let url = self.url(task)?;
+        let span = tracing::info_span!(
+            "webhook.call",
+            http.url = %url,
+            http.status_code = tracing::field::Empty
+        );
+        tracing::Instrument::instrument(self.send(task, url, &span), span.clone()).await
+    }
+
+    async fn send(
+        &self,
+        task: &TaskInput,
+        url: reqwest::Url,
+        span: &tracing::Span,
+    ) -> Result<u32, HandlerError> {
         let body = serde_json::to_vec(&Body {
             order_id: task.order_id,
             task_id: task.task_id,
@@ -114,8 +128,10 @@ impl Webhook {
         for (k, v) in &self.settings.headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        if let Some(tp) = &task.trace_context {
-            req = req.header("traceparent", tp.as_str());
+        // The call's own context when traces are exported, else the order's.
+        if let Some(tp) = crate::telemetry::traceparent(span).or_else(|| task.trace_context.clone())
+        {
+            req = req.header("traceparent", tp);
         }
         if let Some(secret) = &self.settings.signing_secret {
             let ts = chrono::Utc::now().timestamp();
@@ -126,6 +142,7 @@ impl Webhook {
         }
         let resp = req.body(body).send().await.map_err(classify_send_error)?;
         let status = resp.status();
+        span.record("http.status_code", status.as_u16());
         let retry_after = resp
             .headers()
             .get("retry-after")

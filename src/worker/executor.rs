@@ -45,6 +45,20 @@ pub(super) async fn execute(
         trace_context: task.trace_context.clone(),
     };
     let backoff = kind.as_ref().map_or(Backoff::DEFAULT, |k| k.backoff);
+    // One span per attempt, a child of the request that created the order (stored with it).
+    let span = tracing::info_span!(
+        "task.attempt",
+        order.id = %task.order_id,
+        task.id = task.id,
+        task.seq = task.seq,
+        attempt = task.attempts,
+        kind = %task.kind,
+        outcome = tracing::field::Empty,
+        error.class = tracing::field::Empty
+    );
+    if let Some(tp) = &task.trace_context {
+        crate::telemetry::set_parent(&span, tp);
+    }
     let result = match kind {
         None => Err(HandlerError::new(
             ErrorClass::ValidationError,
@@ -62,7 +76,8 @@ pub(super) async fn execute(
                     None => None,
                 };
                 let started = std::time::Instant::now();
-                let r = k.handler.deliver(&input).await;
+                let r =
+                    tracing::Instrument::instrument(k.handler.deliver(&input), span.clone()).await;
                 metrics
                     .task_duration
                     .observe(started.elapsed().as_secs_f64());
@@ -84,6 +99,14 @@ pub(super) async fn execute(
             }
         }
     };
+    match &result {
+        Ok(units) if *units >= input.quantity => span.record("outcome", "delivered"),
+        Ok(_) => span.record("outcome", "partial"),
+        Err(e) => span
+            .record("outcome", "failed")
+            .record("error.class", e.class.as_str()),
+    };
+    drop(span);
     let (event, error) = match result {
         Ok(units) => (TaskEvent::Delivered { units }, None),
         Err(e) => (

@@ -184,10 +184,12 @@ impl Worker {
                 continue;
             }
             let claim_started = std::time::Instant::now();
-            let claimed = match self
-                .store
-                .claim_tasks(self.id, want, &kinds, cfg.lease_ttl)
-                .await
+            let claim_span = tracing::info_span!("tasks.claim", want, got = tracing::field::Empty);
+            let claimed = match tracing::Instrument::instrument(
+                self.store.claim_tasks(self.id, want, &kinds, cfg.lease_ttl),
+                claim_span.clone(),
+            )
+            .await
             {
                 Ok(tasks) => {
                     db_backoff = Duration::from_millis(100);
@@ -218,6 +220,8 @@ impl Worker {
                 catalog
             };
             let got = claimed.len() as u32;
+            claim_span.record("got", got);
+            drop(claim_span);
             let m = &self.stats.metrics;
             m.claim_duration
                 .observe(claim_started.elapsed().as_secs_f64());
