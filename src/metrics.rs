@@ -21,6 +21,16 @@ use prometheus::{
 
 use crate::store::Store;
 
+/// The `outcome` values of `tally_attempts_total`.
+pub const ATTEMPT_OUTCOMES: [&str; 6] = [
+    "delivered",
+    "partial",
+    "retry",
+    "dead_lettered",
+    "handed_back",
+    "fenced",
+];
+
 /// Every metric Tally exports.
 pub struct Metrics {
     registry: Registry,
@@ -311,7 +321,17 @@ impl Metrics {
             m.invariant_checks_total.with_label_values(&[o]);
         }
         m.leader.with_label_values(&["sweeper"]);
+        for o in ["delivered", "retry", "failed"] {
+            m.callbacks_total.with_label_values(&[o]);
+        }
         m
+    }
+
+    /// Creates a kind's attempt series at 0, so that `increase()` sees their first event.
+    pub fn touch_kind(&self, kind: &str) {
+        for o in ATTEMPT_OUTCOMES {
+            self.attempts_total.with_label_values(&[kind, o]);
+        }
     }
 
     /// Whether this process exports the cluster-wide gauges (it leads, and they are fresh).

@@ -229,6 +229,9 @@ impl Worker {
             for t in &claimed {
                 m.pickup_latency.observe(t.pickup_secs);
             }
+            for t in &claimed {
+                m.touch_kind(&t.kind);
+            }
             let batch = crate::metrics::BatchTimer::start(m.clone());
             self.stats.hold(claimed.iter().map(|t| t.claim_token));
             report.claimed += u64::from(got);
