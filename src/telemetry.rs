@@ -15,6 +15,7 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -56,23 +57,32 @@ fn env_set(name: &str) -> bool {
 pub fn init(format: LogFormat) -> Telemetry {
     let configured =
         env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-    init_with(format, configured.then(String::new), "info,sqlx=warn")
+    init_with(
+        format,
+        configured.then(String::new),
+        "info,sqlx=warn",
+        BoxMakeWriter::new(std::io::stderr),
+    )
 }
 
 /// Like [`init`] with an explicit traces endpoint (`Some("")`: from the environment) and a
 /// default filter for when `RUST_LOG` is unset. Tests use it; it sets the global subscriber,
 /// so it takes effect once per process.
-pub fn init_with(format: LogFormat, endpoint: Option<String>, default_filter: &str) -> Telemetry {
+pub fn init_with(
+    format: LogFormat,
+    endpoint: Option<String>,
+    default_filter: &str,
+    writer: BoxMakeWriter,
+) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = match format {
+        // JSON lines carry the current span's fields, `trace_id` among them.
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
     let provider = endpoint.and_then(|ep| match build_provider(ep) {
         Ok(p) => Some(p),
@@ -132,6 +142,15 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
             sc.trace_flags().to_u8()
         )
     })
+}
+
+/// Records the span's trace id in its `trace_id` field, so log lines inside it carry it.
+pub fn record_trace_id(span: &tracing::Span) {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+    }
 }
 
 /// Makes `span` a child of the context in `traceparent` (a stored or incoming header).

@@ -16,6 +16,20 @@ use serde_json::json;
 use tally::config::{LogFormat, Role};
 use tally::handler::Handlers;
 
+/// Collects what the JSON log layer writes.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Starts an OTLP/HTTP receiver; returns its traces URL and the spans it has received.
 async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
     let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
@@ -57,7 +71,14 @@ fn attr(s: &Span, key: &str) -> Option<String> {
 #[tokio::test]
 async fn one_trace_runs_from_order_intake_to_every_webhook_call() {
     let (endpoint, spans) = otlp_receiver().await;
-    let telemetry = tally::telemetry::init_with(LogFormat::Text, Some(endpoint), "warn,tally=info");
+    let logs = LogBuffer::default();
+    let sink = logs.clone();
+    let telemetry = tally::telemetry::init_with(
+        LogFormat::Json,
+        Some(endpoint),
+        "warn,tally=debug",
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || sink.clone()),
+    );
     assert!(telemetry.tracing_enabled());
     let db = TestDb::new().await;
     let api = Api::start(&db).await;
@@ -151,6 +172,18 @@ async fn one_trace_runs_from_order_intake_to_every_webhook_call() {
         assert_eq!(attr(c, "http.status_code").as_deref(), Some("200"));
         let header = format!("00-{caller_trace}-{}-01", hex(&c.span_id));
         assert!(received.contains(&header), "{header} not in {received:?}");
+    }
+    // JSON log lines written inside an attempt carry its trace id.
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let finished: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.contains("attempt finished"))
+        .map(|l| serde_json::from_str(l).expect("JSON log line"))
+        .collect();
+    assert!(finished.len() >= 3, "{text}");
+    for line in &finished {
+        assert_eq!(line["span"]["trace_id"], caller_trace, "{line}");
+        assert_eq!(line["span"]["name"], "task.attempt");
     }
     // The other roles trace their passes too.
     for name in ["tasks.claim", "orders.generate", "sweeper.pass"] {

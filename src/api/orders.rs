@@ -125,7 +125,8 @@ pub async fn create(
         "order.intake",
         order.kind = %req.kind,
         order.quantity = req.quantity,
-        order.id = tracing::field::Empty
+        order.id = tracing::field::Empty,
+        trace_id = tracing::field::Empty
     );
     if let Some(tp) = headers
         .get("traceparent")
@@ -134,6 +135,7 @@ pub async fn create(
     {
         crate::telemetry::set_parent(&span, tp);
     }
+    crate::telemetry::record_trace_id(&span);
     create_in_span(st, caller, headers, req)
         .instrument(span)
         .await

@@ -54,11 +54,13 @@ pub(super) async fn execute(
         attempt = task.attempts,
         kind = %task.kind,
         outcome = tracing::field::Empty,
-        error.class = tracing::field::Empty
+        error.class = tracing::field::Empty,
+        trace_id = tracing::field::Empty
     );
     if let Some(tp) = &task.trace_context {
         crate::telemetry::set_parent(&span, tp);
     }
+    crate::telemetry::record_trace_id(&span);
     let result = match kind {
         None => Err(HandlerError::new(
             ErrorClass::ValidationError,
@@ -106,6 +108,9 @@ pub(super) async fn execute(
             .record("outcome", "failed")
             .record("error.class", e.class.as_str()),
     };
+    span.in_scope(
+        || tracing::debug!(outcome = ?result.as_ref().map_err(|e| e.class), "attempt finished"),
+    );
     drop(span);
     let (event, error) = match result {
         Ok(units) => (TaskEvent::Delivered { units }, None),
@@ -117,7 +122,6 @@ pub(super) async fn execute(
             Some(e.message),
         ),
     };
-    tracing::debug!(order.id = %task.order_id, task.id = task.id, attempt = task.attempts, ?event, "attempt finished");
     // The completer outlives every executor; a send error means it gave up, and the task's
     // lease will expire and the sweeper will rescue it.
     let _ = out
