@@ -269,7 +269,7 @@ impl Metrics {
             dead_letter_queue: gauge(
                 &c,
                 "delivery_dead_letter_queue",
-                "Tasks in the dead-letter queue (FAILED_PERMANENT), cluster-wide.",
+                "Dead-lettered tasks (FAILED_PERMANENT) of PROCESSING orders, which an operator can replay; cluster-wide.",
             ),
             worker_active: gauge(
                 &c,

@@ -523,3 +523,108 @@ async fn inspection_commands_kinds_and_keys() {
     pod.stop().await;
     api.stop().await;
 }
+
+/// Every command in docs/RUNBOOK.md's `sh` blocks runs against a live cluster: CLI commands
+/// exit 0 or 1 (bad news), never with a usage, refusal, auth or connection error; curl
+/// commands answer JSON that is not an error.
+#[tokio::test]
+async fn every_runbook_command_runs() {
+    let db = TestDb::new().await;
+    let api = Api::start(&db).await;
+    let hooks = Receiver::start().await;
+    hooks.always(Answer::status(400));
+    let pod = Pod::start(
+        settings(&db.url, &[Role::Generator, Role::Worker, Role::Sweeper]),
+        Handlers::new(),
+    )
+    .await;
+    // A cluster with something to look at: a completed order and a dead-lettered one.
+    api.put(
+        "/api/admin/kinds/crm",
+        ADMIN_KEY,
+        &json!({"handler": "webhook", "webhook": {"url": hooks.url("/x")}}),
+    )
+    .await;
+    let done = create(&api, "100").await;
+    let order = api
+        .create_order(&json!({"kind": "crm", "target": "t", "quantity": 20, "chunk_size": 10}))
+        .await;
+    api.wait_attention(&order).await;
+    wait_for_status(
+        &db.store,
+        done.parse().unwrap(),
+        "COMPLETED",
+        Duration::from_secs(20),
+    )
+    .await;
+    let task: i64 = sqlx::query_scalar(
+        "SELECT id FROM order_tasks WHERE order_id = $1::uuid ORDER BY seq LIMIT 1",
+    )
+    .bind(&order)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+
+    let runbook =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/RUNBOOK.md")).unwrap();
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    for line in runbook.lines() {
+        let t = line.trim();
+        if t.starts_with("```") {
+            in_sh = t == "```sh";
+            continue;
+        }
+        if in_sh && !t.is_empty() {
+            commands.push(
+                t.replace("<order-id>", &order)
+                    .replace("<task-id>", &task.to_string())
+                    .replace("<kind>", "crm"),
+            );
+        }
+    }
+    assert!(
+        commands.len() >= 20,
+        "the runbook has {} runnable commands",
+        commands.len()
+    );
+    for cmd in &commands {
+        assert!(!cmd.contains('<'), "unknown placeholder in {cmd:?}");
+        // `--watch` would wait for an order that needs attention: run it once instead.
+        let cmd = cmd.replace(" --watch", "");
+        let mut sh = std::process::Command::new("sh");
+        sh.args(["-c", &cmd])
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    std::path::Path::new(env!("CARGO_BIN_EXE_tally"))
+                        .parent()
+                        .unwrap()
+                        .display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("TALLY_API_URL", &api.base)
+            .env("TALLY_API_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "warn");
+        let out = tokio::task::spawn_blocking(move || sh.output().unwrap())
+            .await
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let code = out.status.code().unwrap_or(-1);
+        if cmd.starts_with("curl ") {
+            assert_eq!(code, 0, "{cmd}: {stderr}");
+            let v: serde_json::Value = serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("{cmd}: not JSON ({e}): {stdout}"));
+            assert!(v.get("error").is_none(), "{cmd}: {v}");
+        } else {
+            assert!(code == 0 || code == 1, "{cmd}: exit {code}: {stderr}");
+        }
+    }
+    pod.stop().await;
+    api.stop().await;
+}

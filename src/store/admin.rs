@@ -146,7 +146,8 @@ impl Store {
                 "SELECT \
                    (SELECT count(*) FROM order_tasks WHERE status IN ('PENDING', 'FAILED_RETRYING')) AS pending, \
                    (SELECT count(*) FROM order_tasks WHERE status = 'EXECUTING') AS executing, \
-                   (SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT') AS dead_letter, \
+                   (SELECT count(*) FROM order_tasks t JOIN orders o ON o.id = t.order_id \
+                      WHERE t.status = 'FAILED_PERMANENT' AND o.status = 'PROCESSING') AS dead_letter, \
                    (SELECT count(*) FROM order_tasks WHERE status = 'EXECUTING' \
                       AND claimed_at < now() - interval '5 minutes') AS executing_over_5m, \
                    (SELECT count(*) FROM workers WHERE stopped_at IS NULL AND lease_expires_at > now() \
@@ -355,7 +356,8 @@ impl Store {
                    (SELECT count(*) FROM order_tasks WHERE status = 'EXECUTING' \
                       AND claimed_at < now() - make_interval(secs => $1)) AS stuck_tasks, \
                    (SELECT count(*) FROM order_tasks WHERE status = 'EXECUTING' AND lease_expires_at < now()) AS orphans, \
-                   (SELECT count(*) FROM order_tasks WHERE status = 'FAILED_PERMANENT') AS dead_letter, \
+                   (SELECT count(*) FROM order_tasks t JOIN orders o ON o.id = t.order_id \
+                      WHERE t.status = 'FAILED_PERMANENT' AND o.status = 'PROCESSING') AS dead_letter, \
                    (SELECT count(*) FROM order_tasks WHERE status IN ('FAILED_RETRYING', 'FAILED_PERMANENT') \
                       AND updated_at > now() - interval '1 day') AS failures_24h, \
                    (SELECT count(*) FROM invariant_check_log WHERE NOT passed \
