@@ -76,6 +76,7 @@ HISTOGRAMS = {
     "delivery_task_duration_seconds": {},
     "delivery_batch_duration_seconds": {},
     "tally_pickup_latency_seconds": {},
+    "tally_recovery_seconds": {},
     "tally_claim_batch_size": {},
     "tally_claim_duration_seconds": {},
     "tally_order_completion_seconds": {},

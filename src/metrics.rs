@@ -46,6 +46,7 @@ pub struct Metrics {
     pub batch_duration: Histogram,
     pub attempts_total: IntCounterVec,
     pub pickup_latency: Histogram,
+    pub recovery: Histogram,
     pub claim_batch_size: Histogram,
     pub claim_duration: Histogram,
     pub order_completion: Histogram,
@@ -182,6 +183,12 @@ impl Metrics {
                 &r,
                 "tally_pickup_latency_seconds",
                 "From a task becoming claimable to its claim.",
+                latency_buckets(),
+            ),
+            recovery: histogram(
+                &r,
+                "tally_recovery_seconds",
+                "A re-run's wait: from the end of the failed (or orphaned) attempt to the next claim.",
                 latency_buckets(),
             ),
             claim_batch_size: histogram(

@@ -63,6 +63,15 @@ async fn counters_follow_the_deliveries_and_cluster_gauges_come_from_the_leader_
     )
     .await;
 
+    let flaky = Receiver::start().await;
+    flaky.script([Answer::status(503)]);
+    api.put(
+        "/api/admin/kinds/flaky",
+        ADMIN_KEY,
+        &json!({"handler": "webhook", "webhook": {"url": flaky.url("/f")},
+                "backoff_base_sec": 0.2, "backoff_max_sec": 0.2}),
+    )
+    .await;
     let leader_addr = free_addr();
     let mut s = settings(&db.url, &[Role::Generator, Role::Worker, Role::Sweeper]);
     s.metrics_addr = Some(leader_addr);
@@ -87,13 +96,18 @@ async fn counters_follow_the_deliveries_and_cluster_gauges_come_from_the_leader_
     let bad = api
         .create_order(&json!({"kind": "bad", "target": "t", "quantity": 30, "chunk_size": 10}))
         .await;
-    wait_for_status(
-        &db.store,
-        good.parse().unwrap(),
-        "COMPLETED",
-        Duration::from_secs(20),
-    )
-    .await;
+    let retried = api
+        .create_order(&json!({"kind": "flaky", "target": "t", "quantity": 5}))
+        .await;
+    for id in [&good, &retried] {
+        wait_for_status(
+            &db.store,
+            id.parse().unwrap(),
+            "COMPLETED",
+            Duration::from_secs(20),
+        )
+        .await;
+    }
     api.wait_attention(&bad).await;
     // Gauges refresh every 5 s on the leader.
     wait_until(
@@ -104,14 +118,23 @@ async fn counters_follow_the_deliveries_and_cluster_gauges_come_from_the_leader_
     .await;
 
     let m = scrape(leader_addr).await;
-    assert_eq!(get(&m, "delivery_tasks_total{status=\"COMPLETED\"}"), 10.0);
+    assert_eq!(get(&m, "delivery_tasks_total{status=\"COMPLETED\"}"), 11.0);
+    assert_eq!(
+        get(&m, "delivery_tasks_total{status=\"FAILED_RETRYING\"}"),
+        1.0
+    );
+    assert_eq!(get(&m, "delivery_retries_total"), 1.0);
+    // The re-run waited about its 0.2 s backoff after the failed attempt.
+    assert_eq!(get(&m, "tally_recovery_seconds_count"), 1.0);
+    let waited = get(&m, "tally_recovery_seconds_sum");
+    assert!((0.15..5.0).contains(&waited), "recovery took {waited} s");
     assert_eq!(
         get(&m, "delivery_tasks_total{status=\"FAILED_PERMANENT\"}"),
         3.0
     );
     assert_eq!(
         get(&m, "delivery_units_total{outcome=\"delivered\"}"),
-        1000.0
+        1005.0
     );
     assert_eq!(get(&m, "delivery_units_total{outcome=\"failed\"}"), 30.0);
     assert_eq!(
@@ -128,10 +151,10 @@ async fn counters_follow_the_deliveries_and_cluster_gauges_come_from_the_leader_
         ),
         3.0
     );
-    assert_eq!(get(&m, "tally_pickup_latency_seconds_count"), 13.0);
-    assert_eq!(get(&m, "delivery_task_duration_seconds_count"), 13.0);
+    assert_eq!(get(&m, "tally_pickup_latency_seconds_count"), 15.0);
+    assert_eq!(get(&m, "delivery_task_duration_seconds_count"), 15.0);
     assert!(get(&m, "delivery_batch_duration_seconds_count") >= 1.0);
-    assert_eq!(get(&m, "tally_order_completion_seconds_count"), 1.0);
+    assert_eq!(get(&m, "tally_order_completion_seconds_count"), 2.0);
     assert!(get(&m, "tally_claim_duration_seconds_count") >= 2.0);
     assert!(get(&m, "tally_invariant_checks_total{result=\"passed\"}") >= 2.0);
     assert_eq!(

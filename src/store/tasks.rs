@@ -28,6 +28,9 @@ pub struct ClaimedTask {
     pub kind_version: Option<chrono::DateTime<chrono::Utc>>,
     /// Seconds from the task becoming claimable (created, or its retry due) to this claim.
     pub pickup_secs: f64,
+    /// For a re-run (attempt 2 and later): seconds since the previous attempt ended (failed,
+    /// or was rescued as an orphan) — the recovery time operators track.
+    pub recovery_secs: Option<f64>,
 }
 
 impl ClaimedTask {
@@ -108,7 +111,10 @@ claimed AS (
     RETURNING t.id, t.order_id, t.seq, t.kind, t.quantity, t.delivered, t.attempts,
               t.max_attempts, t.claim_token,
               greatest(extract(epoch FROM now() - greatest(t.created_at, t.retry_after)), 0)::float8
-                  AS pickup_secs
+                  AS pickup_secs,
+              CASE WHEN t.attempts > 1 AND t.executed_at IS NOT NULL
+                   THEN greatest(extract(epoch FROM now() - t.executed_at), 0)::float8 END
+                  AS recovery_secs
 ),
 audit AS (
     INSERT INTO order_task_transitions
@@ -118,7 +124,8 @@ audit AS (
     JOIN picked p ON p.id = c.id
 )
 SELECT c.id, c.order_id, c.seq, c.kind, c.quantity, c.delivered, c.attempts, c.max_attempts,
-       c.claim_token, o.target, o.trace_context, k.updated_at AS kind_version, c.pickup_secs
+       c.claim_token, o.target, o.trace_context, k.updated_at AS kind_version, c.pickup_secs,
+       c.recovery_secs
 FROM claimed c
 CROSS JOIN LATERAL (SELECT target, trace_context FROM orders WHERE id = c.order_id) o
 LEFT JOIN LATERAL (SELECT updated_at FROM kinds WHERE name = c.kind) k ON true

@@ -228,6 +228,9 @@ impl Worker {
             m.claim_batch_size.observe(f64::from(got));
             for t in &claimed {
                 m.pickup_latency.observe(t.pickup_secs);
+                if let Some(r) = t.recovery_secs {
+                    m.recovery.observe(r);
+                }
             }
             for t in &claimed {
                 m.touch_kind(&t.kind);
