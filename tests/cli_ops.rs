@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::http::{ADMIN_KEY, Answer, Api, Receiver};
 use common::*;
 use serde_json::{Value, json};
@@ -299,13 +297,7 @@ async fn inspection_commands_kinds_and_keys() {
     )
     .await;
     let id = create(&api, "300").await;
-    wait_for_status(
-        &db.store,
-        id.parse().unwrap(),
-        "COMPLETED",
-        Duration::from_secs(20),
-    )
-    .await;
+    api.wait_completed(&id).await;
 
     let inv = tally(&api, ADMIN_KEY, &["invariants", "--order", &id]).await;
     assert_eq!(inv.code, 0);
@@ -550,13 +542,7 @@ async fn every_runbook_command_runs() {
         .create_order(&json!({"kind": "crm", "target": "t", "quantity": 20, "chunk_size": 10}))
         .await;
     api.wait_attention(&order).await;
-    wait_for_status(
-        &db.store,
-        done.parse().unwrap(),
-        "COMPLETED",
-        Duration::from_secs(20),
-    )
-    .await;
+    api.wait_completed(&done).await;
     let task: i64 = sqlx::query_scalar(
         "SELECT id FROM order_tasks WHERE order_id = $1::uuid ORDER BY seq LIMIT 1",
     )

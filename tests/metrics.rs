@@ -100,13 +100,7 @@ async fn counters_follow_the_deliveries_and_cluster_gauges_come_from_the_leader_
         .create_order(&json!({"kind": "flaky", "target": "t", "quantity": 5}))
         .await;
     for id in [&good, &retried] {
-        wait_for_status(
-            &db.store,
-            id.parse().unwrap(),
-            "COMPLETED",
-            Duration::from_secs(20),
-        )
-        .await;
+        api.wait_completed(id).await;
     }
     api.wait_attention(&bad).await;
     // Gauges refresh every 5 s on the leader.

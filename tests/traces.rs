@@ -110,13 +110,7 @@ async fn one_trace_runs_from_order_intake_to_every_webhook_call() {
         )
         .await;
     let id = created.body["id"].as_str().unwrap().to_owned();
-    wait_for_status(
-        &db.store,
-        id.parse().unwrap(),
-        "COMPLETED",
-        Duration::from_secs(20),
-    )
-    .await;
+    api.wait_completed(&id).await;
     tokio::time::sleep(Duration::from_millis(1200)).await; // a sweeper pass or two
     telemetry.flush();
     wait_until(Duration::from_secs(10), "spans exported", || async {

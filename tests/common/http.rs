@@ -165,6 +165,12 @@ impl Api {
         r.body["id"].as_str().unwrap().to_owned()
     }
 
+    /// Waits (20 s at most) until the order is COMPLETED.
+    pub async fn wait_completed(&self, id: &str) {
+        let id: uuid::Uuid = id.parse().expect("an order id");
+        super::wait_for_status(&self.store, id, "COMPLETED", Duration::from_secs(20)).await;
+    }
+
     /// Waits until every remaining task of the order is dead-lettered.
     pub async fn wait_attention(&self, id: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
