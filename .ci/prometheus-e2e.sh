@@ -76,6 +76,7 @@ check "per-kind attempts"     'sum(tally_attempts_total{kind="simulate",outcome=
 check "invariant failures"    'sum(tally_invariant_checks_total{result="failed"})'      'v == 0'
 check "invariant checks run"  'sum(tally_invariant_checks_total{result="passed"})'      'v >= 1'
 check "order completion"      'sum(tally_order_completion_seconds_count)'              'v == 1'
+check "orders completed"      'sum(tally_orders_finished_total{status="COMPLETED"})'   'v == 1'
 check "API requests counted"  'sum(tally_http_requests_total{route="/api/orders",method="POST"})' 'v >= 1'
 
 echo "promtool check metrics on each exposition:"

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub callbacks_total: IntCounterVec,
     pub db_pool_connections: IntGaugeVec,
     pub db_pool_max: IntGauge,
+    pub db_pool_acquire_wait: Gauge,
+    pub orders_finished_total: IntCounterVec,
 
     pub tasks_pending: IntGauge,
     pub tasks_executing: IntGauge,
@@ -257,6 +259,21 @@ impl Metrics {
                 "Connections of this process's pool.",
                 &["state"],
             ),
+            db_pool_acquire_wait: {
+                let g = Gauge::new(
+                    "tally_db_pool_acquire_wait_seconds",
+                    "How long taking a connection from this process's pool took, sampled at each scrape.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            orders_finished_total: counter_vec(
+                &r,
+                "tally_orders_finished_total",
+                "Orders this process moved to a final status (COMPLETED, PARTIAL, CANCELLED).",
+                &["status"],
+            ),
             db_pool_max: gauge(
                 &r,
                 "tally_db_pool_max_connections",
@@ -330,6 +347,9 @@ impl Metrics {
         m.leader.with_label_values(&["sweeper"]);
         for o in ["delivered", "retry", "failed"] {
             m.callbacks_total.with_label_values(&[o]);
+        }
+        for st in ["COMPLETED", "PARTIAL", "CANCELLED"] {
+            m.orders_finished_total.with_label_values(&[st]);
         }
         m
     }
@@ -409,6 +429,14 @@ pub async fn serve(
         get(move || {
             let (metrics, store) = (metrics.clone(), store.clone());
             async move {
+                // The pool's wait right now: take a connection and give it back.
+                let started = Instant::now();
+                let got =
+                    tokio::time::timeout(Duration::from_secs(5), store.pool().acquire()).await;
+                metrics
+                    .db_pool_acquire_wait
+                    .set(started.elapsed().as_secs_f64());
+                drop(got);
                 (
                     [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
                     metrics.render(Some(&store)),

@@ -173,6 +173,11 @@ impl Sweeper {
     /// Safety-net finaliser. Returns (completed, flagged for attention).
     pub async fn finalise_once(&self) -> Result<(u64, u64), StoreError> {
         let (completed, flagged) = self.store.finalise_orders(&self.actor).await?;
+        self.stats
+            .metrics
+            .orders_finished_total
+            .with_label_values(&["COMPLETED"])
+            .inc_by(completed);
         if completed > 0 {
             tracing::warn!(
                 completed,

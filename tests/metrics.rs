@@ -162,6 +162,15 @@ async fn counters_follow_the_deliveries_and_cluster_gauges_come_from_the_leader_
     assert_eq!(get(&m, "tally_orders_open{status=\"PROCESSING\"}"), 1.0);
     assert!(get(&m, "tally_oldest_processing_order_age_seconds") > 0.0);
     assert_eq!(get(&m, "tally_build_info{version=\"0.1.0\"}"), 1.0);
+    assert_eq!(
+        get(&m, "tally_orders_finished_total{status=\"COMPLETED\"}"),
+        2.0
+    );
+    assert_eq!(
+        get(&m, "tally_orders_finished_total{status=\"CANCELLED\"}"),
+        0.0
+    );
+    assert!(get(&m, "tally_db_pool_acquire_wait_seconds") >= 0.0);
     assert!(get(&m, "tally_db_pool_max_connections") >= 2.0);
     assert!(
         m.keys()

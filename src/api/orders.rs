@@ -425,6 +425,17 @@ async fn act_and_show(
     action: OrderAction,
 ) -> ApiResult<Response> {
     let (tasks, units) = act(&st, &caller, id, action).await?;
+    let finished = match action {
+        OrderAction::Cancel => Some("CANCELLED"),
+        OrderAction::ForceComplete => Some("PARTIAL"),
+        _ => None,
+    };
+    if let Some(status) = finished {
+        st.metrics
+            .orders_finished_total
+            .with_label_values(&[status])
+            .inc();
+    }
     let mut resp = axum::Json(OrderView::from(load(&st, id).await?)).into_response();
     resp.extensions_mut().insert(AuditDetail(
         json!({"order_id": id, "action": action.name(), "tasks": tasks, "units": units}),

@@ -161,4 +161,7 @@ fn count(
     for age in &applied.completed_ages {
         m.order_completion.observe(*age);
     }
+    m.orders_finished_total
+        .with_label_values(&["COMPLETED"])
+        .inc_by(applied.completed_orders.len() as u64);
 }
