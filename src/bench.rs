@@ -132,7 +132,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             let mut cell = Vec::new();
             for _ in 0..args.reps.max(1) {
                 sqlx::query(
-                    "TRUNCATE order_task_transitions, order_tasks, orders, idempotency_ledger",
+                    "TRUNCATE order_task_transitions, order_tasks, order_callbacks, orders, idempotency_ledger",
                 )
                 .execute(store.pool())
                 .await?;
@@ -179,9 +179,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             }));
         }
     }
-    sqlx::query("TRUNCATE order_task_transitions, order_tasks, orders, idempotency_ledger")
-        .execute(store.pool())
-        .await?;
+    sqlx::query(
+        "TRUNCATE order_task_transitions, order_tasks, order_callbacks, orders, idempotency_ledger",
+    )
+    .execute(store.pool())
+    .await?;
     let (trigger, stop) = shutdown::channel();
     let fleet = start_workers(&store, &worker_cfg, &handlers, 1, &stop);
 

@@ -317,3 +317,36 @@ impl JsonValue for reqwest::Response {
         serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
     }
 }
+
+/// `tally bench` is not in the test suite's timing budget, but it must keep running as the
+/// schema grows: a tiny run against an existing database prints its JSON.
+#[tokio::test]
+async fn bench_runs_on_a_tiny_workload() {
+    let url = TestDb::empty().await;
+    let out = tally()
+        .args([
+            "bench",
+            "--database-url",
+            &url,
+            "--tasks",
+            "2000",
+            "--workers",
+            "1",
+            "--reps",
+            "1",
+            "--pickup-samples",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("tasks_per_sec") || stdout.contains("\"shape\""),
+        "{stdout}"
+    );
+}
