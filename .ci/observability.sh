@@ -5,6 +5,8 @@
 #   deploy/prometheus/prometheusrule.yaml   the same rules as a PrometheusRule, rendered by
 #                                           deploy/prometheus/render-prometheusrule.py
 #   deploy/grafana/tally.json               the Grafana dashboard
+# alerts.yml and tally.json are symlinks into the Helm chart (helm/tally/files/), whose
+# PrometheusRule and dashboard ConfigMap embed the same files; .ci/helm.sh checks those.
 # Besides promtool's own checks, every alert and every dashboard query is held to the
 # metric contract (the names and label values Tally exports, listed below), so a typo
 # that would leave a panel empty or an alert forever silent fails here.
@@ -429,6 +431,16 @@ rules=deploy/prometheus/alerts.yml
 tests=deploy/prometheus/alerts.test.yml
 prometheusrule=deploy/prometheus/prometheusrule.yaml
 dashboard=deploy/grafana/tally.json
+
+step "one file, two paths: deploy/ symlinks into the Helm chart"
+for f in "$rules:helm/tally/files/alerts.yml" "$dashboard:helm/tally/files/tally.json"; do
+  link=${f%%:*} target=${f#*:}
+  if [ ! -L "$link" ] || [ "$(readlink -f "$link")" != "$(readlink -f "$target")" ]; then
+    echo "$link must be a symlink to $target (the chart embeds that file; see its header)"
+    exit 1
+  fi
+  echo "$link -> $(readlink "$link")"
+done
 
 step "promtool check rules $rules"
 promtool check rules --lint-fatal "$rules"
