@@ -28,6 +28,9 @@
 # OpenSSL is built or linked.
 FROM rust:1.94-slim-bookworm AS build
 
+# Set by BuildKit (e.g. linux/amd64): each platform of a multi-platform build gets its own
+# target-directory cache below, instead of rebuilding over the other's.
+ARG TARGETPLATFORM
 WORKDIR /build
 
 # SQLX_OFFLINE: the crate uses no query! macros, and the build must never try to reach a
@@ -48,10 +51,11 @@ COPY src ./src
 
 # The cargo registry and the target directory live in BuildKit cache mounts, so a source
 # change recompiles Tally alone, not its ~330 dependencies. The binary is copied out of
-# the target cache, which is not part of the image.
+# the target cache, which is not part of the image; sharing=locked serialises concurrent
+# builds on one target directory (cargo would otherwise race itself).
 RUN --mount=type=cache,id=tally-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=tally-cargo-git,target=/usr/local/cargo/git \
-    --mount=type=cache,id=tally-target,target=/build/target,sharing=locked \
+    --mount=type=cache,id=tally-target-${TARGETPLATFORM},target=/build/target,sharing=locked \
     cargo build --release --locked \
  && install -D -m 0755 target/release/tally /out/tally \
  && /out/tally --version
