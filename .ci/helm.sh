@@ -62,7 +62,7 @@ fi
 
 step "kubernetes-validate $KUBERNETES_VALIDATE_VERSION (PyPI, in a venv)"
 venv=$cache/kubernetes-validate-$KUBERNETES_VALIDATE_VERSION
-if ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
+if [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null || true)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
   rm -rf "$venv"
   if ! python3 -m venv "$venv" >/dev/null 2>&1; then
     rm -rf "$venv"
@@ -165,7 +165,8 @@ for name in defaults everything-keda; do
   diff -u "$tmp/render/$name.yaml" "$tmp/package-$name.yaml" >/dev/null \
     || { diff -u "$tmp/render/$name.yaml" "$tmp/package-$name.yaml" | head -40; echo "$(basename "$package") renders $name differently"; exit 1; }
 done
-tar -tzf "$package" | grep -qx 'tally/files/alerts.yml' && tar -tzf "$package" | grep -qx 'tally/files/tally.json' \
+tar -tzf "$package" >"$tmp/package.txt"   # a file, not a pipe: grep -q would SIGPIPE tar under pipefail
+grep -qx 'tally/files/alerts.yml' "$tmp/package.txt" && grep -qx 'tally/files/tally.json' "$tmp/package.txt" \
   || { echo "$(basename "$package") lacks files/alerts.yml or files/tally.json"; exit 1; }
 echo "$(basename "$package") holds files/alerts.yml and files/tally.json and renders defaults and everything-keda identically"
 
