@@ -416,7 +416,7 @@ impl Drop for BatchTimer {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
+/// Serves `/metrics`, and the probes `/livez` and `/readyz`, on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
@@ -424,26 +424,36 @@ pub async fn serve(
     shutdown: crate::shutdown::Shutdown,
 ) -> anyhow::Result<()> {
     use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let (metrics, store) = (metrics.clone(), store.clone());
-            async move {
-                // The pool's wait right now: take a connection and give it back.
-                let started = Instant::now();
-                let got =
-                    tokio::time::timeout(Duration::from_secs(5), store.pool().acquire()).await;
-                metrics
-                    .db_pool_acquire_wait
-                    .set(started.elapsed().as_secs_f64());
-                drop(got);
-                (
-                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                    metrics.render(Some(&store)),
-                )
-            }
-        }),
-    );
+    let probe_store = store.clone();
+    let app = axum::Router::new()
+        .route("/livez", get(crate::api::livez))
+        .route(
+            "/readyz",
+            get(move || {
+                let store = probe_store.clone();
+                async move { crate::api::readiness(&store).await }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let (metrics, store) = (metrics.clone(), store.clone());
+                async move {
+                    // The pool's wait right now: take a connection and give it back.
+                    let started = Instant::now();
+                    let got =
+                        tokio::time::timeout(Duration::from_secs(5), store.pool().acquire()).await;
+                    metrics
+                        .db_pool_acquire_wait
+                        .set(started.elapsed().as_secs_f64());
+                    drop(got);
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        metrics.render(Some(&store)),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await?;

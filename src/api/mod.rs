@@ -226,7 +226,8 @@ async fn measure(
     resp
 }
 
-async fn livez() -> Response {
+/// `/livez`: the process answers; never touches the database. Also served on the metrics port.
+pub async fn livez() -> Response {
     axum::Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
@@ -234,7 +235,13 @@ async fn livez() -> Response {
 const READY_DEADLINE: Duration = Duration::from_secs(2);
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let checked = tokio::time::timeout(READY_DEADLINE, state.store.migrations_current()).await;
+    readiness(&state.store).await
+}
+
+/// `/readyz`: 200 when the database answers and is migrated, else 503 naming why. Also
+/// served on the metrics port, so pods without the API role can be probed.
+pub async fn readiness(store: &Store) -> Response {
+    let checked = tokio::time::timeout(READY_DEADLINE, store.migrations_current()).await;
     let checked = checked.unwrap_or_else(|_| {
         Err(crate::store::StoreError::Timeout {
             op: "checking readiness",
