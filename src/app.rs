@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::config::ElectionBackend;
 use crate::config::{Role, ServeSettings};
 use crate::generator::Generator;
 use crate::handler::Handlers;
 use crate::kinds::Catalog;
-use crate::leader::{Leadership, PgElector};
+use crate::leader::kubernetes::KubeElector;
+use crate::leader::{Elector, Leadership, PgElector, Recorded};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{Store, WorkerRegistration};
@@ -83,6 +85,12 @@ pub async fn run_roles(
         return Ok(());
     }
     setup_kinds(&store, &settings).await;
+    // Before registering: a backend that cannot start is a start-up error.
+    let mut elector = if settings.roles.contains(&Role::Sweeper) {
+        Some(elector(&store, &settings, process_id).await?)
+    } else {
+        None
+    };
     let roles = settings
         .roles
         .iter()
@@ -164,13 +172,8 @@ pub async fn run_roles(
                     actor.clone(),
                     stats.clone(),
                 );
-                let elector = PgElector::new(
-                    store.clone(),
-                    SWEEPER_LEASE,
-                    process_id,
-                    settings.leader_ttl,
-                );
-                tokio::spawn(s.run(Leadership::new(Box::new(elector)), shutdown))
+                let elector = elector.take().expect("one sweeper role");
+                tokio::spawn(s.run(Leadership::new(elector), shutdown))
             }
         });
     }
@@ -192,6 +195,35 @@ pub async fn run_roles(
     }
     tracing::info!(process.id = %process_id, "tally stopped");
     Ok(())
+}
+
+/// The sweeper's leadership backend (`TALLY_LEADER_ELECTION`).
+async fn elector(
+    store: &Store,
+    settings: &ServeSettings,
+    process_id: Uuid,
+) -> anyhow::Result<Box<dyn Elector>> {
+    Ok(match &settings.election {
+        ElectionBackend::Postgres => Box::new(PgElector::new(
+            store.clone(),
+            SWEEPER_LEASE,
+            process_id,
+            settings.leader_ttl,
+        )),
+        ElectionBackend::Kubernetes { lease, namespace } => {
+            // Unique per process: the pod name says where, the process id which run.
+            let identity = format!("{}_{process_id}", hostname());
+            let kube =
+                KubeElector::connect(lease, namespace.as_deref(), identity, settings.leader_ttl)
+                    .await?;
+            Box::new(Recorded::new(
+                Box::new(kube),
+                store.clone(),
+                format!("{SWEEPER_LEASE}@kubernetes"),
+                process_id,
+            ))
+        }
+    })
 }
 
 /// Applies `TALLY_KINDS_FILE` and `TALLY_SIMULATE_KIND`. Idempotent, so every replica does

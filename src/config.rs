@@ -268,12 +268,57 @@ impl RetryArgs {
     }
 }
 
+/// Where the sweeper's leadership lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LeaderElection {
+    Postgres,
+    Kubernetes,
+}
+
+/// Leader election as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ElectionBackend {
+    Postgres,
+    Kubernetes {
+        lease: String,
+        namespace: Option<String>,
+    },
+}
+
+/// A Kubernetes object name (RFC 1123 label: lowercase alphanumerics and '-', ≤ 63).
+fn lease_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "must be a Kubernetes name (lowercase letters, digits and '-', at most 63), got {s:?}"
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct SweeperArgs {
     /// Leader lease, seconds.
     #[arg(long, env = "TALLY_LEADER_TTL_SEC", default_value = "15",
           value_parser = bounded::<f64>("TALLY_LEADER_TTL_SEC", 0.5, 3600.0))]
     pub leader_ttl_sec: f64,
+    /// Leader election backend: `postgres` (a lease row; the default) or `kubernetes` (a
+    /// coordination.k8s.io Lease; needs RBAC for leases). Safety never depends on either.
+    #[arg(long, env = "TALLY_LEADER_ELECTION", value_enum, default_value_t = LeaderElection::Postgres)]
+    pub leader_election: LeaderElection,
+    /// Name of the Kubernetes Lease (with TALLY_LEADER_ELECTION=kubernetes).
+    #[arg(long, env = "TALLY_LEADER_LEASE_NAME", default_value = "tally-sweeper",
+          value_parser = lease_name)]
+    pub leader_lease_name: String,
+    /// Namespace of the Kubernetes Lease; default: the pod's own.
+    #[arg(long, env = "TALLY_LEADER_LEASE_NAMESPACE", value_parser = lease_name)]
+    pub leader_lease_namespace: Option<String>,
     /// Sweeper tick (lease renewal, orphan rescue), milliseconds.
     #[arg(long, env = "TALLY_SWEEP_INTERVAL_MS", default_value = "1000",
           value_parser = bounded::<u64>("TALLY_SWEEP_INTERVAL_MS", 10, 600_000))]
@@ -343,6 +388,7 @@ pub struct ServeSettings {
     pub generator: GeneratorConfig,
     pub sweeper: SweeperConfig,
     pub leader_ttl: Duration,
+    pub election: ElectionBackend,
     pub simulate: SimulateConfig,
     pub api: crate::api::ApiConfig,
     pub callbacks: crate::callbacks::CallbackConfig,
@@ -442,6 +488,13 @@ impl ServeArgs {
                 ..SweeperConfig::default()
             },
             leader_ttl: secs(self.sweeper.leader_ttl_sec),
+            election: match self.sweeper.leader_election {
+                LeaderElection::Postgres => ElectionBackend::Postgres,
+                LeaderElection::Kubernetes => ElectionBackend::Kubernetes {
+                    lease: self.sweeper.leader_lease_name.clone(),
+                    namespace: self.sweeper.leader_lease_namespace.clone(),
+                },
+            },
             simulate: self.simulate.config()?,
             api: crate::api::ApiConfig {
                 addr: a.api_addr,

@@ -2,6 +2,8 @@
 //!
 //! The default backend is a Postgres lease row (`leader_lease`): acquire it when it is free
 //! or expired, renew it while held, and every change of holder increments its `term`.
+//! `TALLY_LEADER_ELECTION=kubernetes` uses a `coordination.k8s.io/v1` Lease instead
+//! ([`kubernetes::KubeElector`]).
 //!
 //! Conservative step-down: a candidate believes it leads only until
 //! `send_time + ttl − margin`, measured on its own monotonic clock from *before* it sent the
@@ -17,12 +19,23 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::handler::BoxFuture;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
+
+pub mod kubernetes;
+
+/// The lease is held: its term, and the local instant *before* the request that granted
+/// or last renewed it (the holder's deadline counts from there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub term: i64,
+    pub sent: Instant,
+}
 
 /// A leadership backend. Implementations must grant at most one live holder per term.
 pub trait Elector: Send + Sync {
-    /// Acquires or renews; `Ok(Some(term))` when this candidate holds the lease.
-    fn acquire_or_renew(&self) -> BoxFuture<'_, Result<Option<i64>, StoreError>>;
+    /// Acquires or renews; `Ok(Some(grant))` when this candidate holds the lease. A backend
+    /// may answer from its last renewal without a request, with that renewal's `sent`.
+    fn acquire_or_renew(&self) -> BoxFuture<'_, anyhow::Result<Option<Grant>>>;
     /// Gives the lease up (best effort).
     fn release(&self) -> BoxFuture<'_, ()>;
     /// The lease's time to live.
@@ -49,13 +62,14 @@ impl PgElector {
 }
 
 impl Elector for PgElector {
-    fn acquire_or_renew(&self) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
+    fn acquire_or_renew(&self) -> BoxFuture<'_, anyhow::Result<Option<Grant>>> {
         Box::pin(async move {
+            let sent = Instant::now();
             Ok(self
                 .store
                 .lease_acquire(&self.name, self.holder, self.ttl)
                 .await?
-                .map(|g| g.term))
+                .map(|g| Grant { term: g.term, sent }))
         })
     }
 
@@ -69,6 +83,57 @@ impl Elector for PgElector {
 
     fn ttl(&self) -> Duration {
         self.ttl
+    }
+}
+
+/// Another backend's leadership, recorded in `leader_lease` under `{name}@kubernetes` so that
+/// `tally health` and `/api/admin/health` see who leads whatever the backend. The record is
+/// best effort and never consulted to decide leadership.
+pub struct Recorded {
+    inner: Box<dyn Elector>,
+    store: Store,
+    name: String,
+    holder: Uuid,
+}
+
+impl Recorded {
+    pub fn new(inner: Box<dyn Elector>, store: Store, name: String, holder: Uuid) -> Self {
+        Self {
+            inner,
+            store,
+            name,
+            holder,
+        }
+    }
+}
+
+impl Elector for Recorded {
+    fn acquire_or_renew(&self) -> BoxFuture<'_, anyhow::Result<Option<Grant>>> {
+        Box::pin(async move {
+            let got = self.inner.acquire_or_renew().await?;
+            if let Some(g) = got {
+                let ttl = self.inner.ttl();
+                if let Err(e) = self
+                    .store
+                    .lease_record(&self.name, self.holder, g.term, ttl)
+                    .await
+                {
+                    tracing::debug!(error = %e, "recording the leader failed");
+                }
+            }
+            Ok(got)
+        })
+    }
+
+    fn release(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.release().await;
+            let _ = self.store.lease_release(&self.name, self.holder).await;
+        })
+    }
+
+    fn ttl(&self) -> Duration {
+        self.inner.ttl()
     }
 }
 
@@ -89,10 +154,9 @@ impl Leadership {
 
     /// Tries to acquire or renew, and returns the term if this candidate leads now.
     pub async fn tick(&mut self) -> Option<i64> {
-        let sent = Instant::now();
         let ttl = self.elector.ttl();
         match self.elector.acquire_or_renew().await {
-            Ok(Some(term)) => {
+            Ok(Some(Grant { term, sent })) => {
                 if self.held.map(|h| h.0) != Some(term) {
                     tracing::info!(term, "became leader");
                 }
@@ -103,7 +167,7 @@ impl Leadership {
                     tracing::warn!(term, "lost leadership");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "leader lease renewal failed"),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "leader lease renewal failed"),
         }
         self.current()
     }

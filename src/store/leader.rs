@@ -78,4 +78,33 @@ impl Store {
         })
         .await
     }
+
+    /// Records that `holder` leads `name` under another backend (a record for `tally
+    /// health`, not a lock: nothing decides leadership from it).
+    pub async fn lease_record(
+        &self,
+        name: &str,
+        holder: Uuid,
+        term: i64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.call("recording the leader", async {
+            sqlx::query(
+                "INSERT INTO leader_lease AS l (name, holder, term, expires_at) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4)) \
+                 ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, term = EXCLUDED.term, \
+                   acquired_at = CASE WHEN l.holder = EXCLUDED.holder AND l.term = EXCLUDED.term \
+                                      THEN l.acquired_at ELSE now() END, \
+                   renewed_at = now(), expires_at = EXCLUDED.expires_at",
+            )
+            .bind(name)
+            .bind(holder)
+            .bind(term.max(1))
+            .bind(ttl.as_secs_f64())
+            .execute(self.pool())
+            .await
+        })
+        .await?;
+        Ok(())
+    }
 }

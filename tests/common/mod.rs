@@ -258,6 +258,7 @@ pub fn settings(url: &str, roles: &[Role]) -> ServeSettings {
             ..SweeperConfig::default()
         },
         leader_ttl: Duration::from_secs(2),
+        election: tally::config::ElectionBackend::Postgres,
         simulate: SimulateConfig::default(),
         api: tally::api::ApiConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
