@@ -1,0 +1,641 @@
+//! `loadtest`: runs a real local Tally cluster under load and faults, then proves from the
+//! database and a recording webhook sink that nothing was lost or counted twice.
+//!
+//! ```sh
+//! cargo build --release --workspace
+//! target/release/loadtest run chaos-kill --duration-sec 60
+//! ```
+//! Writes `report.json` and `report.md` to `--out` and exits 1 when a must-be-zero figure is
+//! not zero.
+
+mod chart;
+mod cluster;
+mod proxy;
+mod report;
+mod sink;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use cluster::{Cluster, Role};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version, about)]
+enum Cli {
+    /// Run one scenario and write its report.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Single-unit actions and 15,000-unit orders at a fixed rate.
+    Steady,
+    /// One 10,000,000-unit order next to a stream of small ones.
+    Giant,
+    /// 1,000 orders submitted at once.
+    Burst,
+    /// SIGKILL a random worker every few seconds and restart it.
+    ChaosKill,
+    /// SIGSTOP a worker past its lease, then SIGCONT: the zombie must be fenced.
+    ChaosStop,
+    /// Stop PostgreSQL with -m immediate mid-run and start it again.
+    DbRestart,
+    /// SIGKILL the sweeper leader repeatedly.
+    LeaderKill,
+    /// A proxy between one worker and PostgreSQL blackholes its traffic (half-open
+    /// connections) for 60 s (or half the duration, if shorter), then heals.
+    NetCut,
+    /// Steady for a long duration, sampling dead tuples, table sizes and pickup latency.
+    Soak,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    pub scenario: Scenario,
+    /// How long orders are submitted (and faults driven), seconds.
+    #[arg(long, default_value = "30")]
+    pub duration_sec: f64,
+    /// Worker processes.
+    #[arg(long, default_value = "3")]
+    pub workers: usize,
+    /// Orders per second for the steady stream.
+    #[arg(long, default_value = "10")]
+    pub rate: f64,
+    /// Every this many seconds a fault is injected (chaos-kill, leader-kill).
+    #[arg(long, default_value = "5")]
+    pub fault_every_sec: f64,
+    /// The sink's answer latency, milliseconds.
+    #[arg(long, default_value = "20")]
+    pub sink_latency_ms: u64,
+    /// Use this PostgreSQL (a database you can throw away) instead of a throwaway cluster.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// The tally binary (default: next to this one).
+    #[arg(long)]
+    pub tally_bin: Option<PathBuf>,
+    /// Where report.json, report.md and the processes' logs go.
+    #[arg(long, default_value = "loadtest/out")]
+    pub out: PathBuf,
+    /// Longest wait for every order to finish after the load stops, seconds.
+    #[arg(long, default_value = "180")]
+    pub drain_timeout_sec: f64,
+}
+
+/// One submitted order as the client saw it.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub id: uuid::Uuid,
+    pub quantity: i64,
+    pub accepted_at: Instant,
+}
+
+/// A fault and when it happened (database clock for recovery times).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fault {
+    pub what: String,
+    pub at_sec: f64,
+    #[serde(skip)]
+    pub db_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// Leader failover: seconds until another candidate led.
+    pub failover_sec: Option<f64>,
+    /// Tasks the victim held (EXECUTING) when the fault hit: their rescue times are the
+    /// orphan recovery figures.
+    #[serde(skip)]
+    pub held: Vec<i64>,
+}
+
+/// The tasks process `pid` holds now.
+async fn held_by(pool: &sqlx::PgPool, pid: Option<i32>) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT t.id FROM order_tasks t JOIN workers w ON w.id = t.claimed_by \
+         WHERE w.pid = $1 AND w.stopped_at IS NULL AND t.status = 'EXECUTING'",
+    )
+    .bind(pid.unwrap_or(-1))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() {
+    let Cli::Run(args) = Cli::parse();
+    match run(args).await {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let bin = match &args.tally_bin {
+        Some(b) => b.clone(),
+        None => cluster::default_bin()?,
+    };
+    let out = args.out.join(format!("{:?}", args.scenario).to_lowercase());
+    std::fs::create_dir_all(&out)?;
+    let sink = sink::Sink::start(Duration::from_millis(args.sink_latency_ms)).await?;
+    let kinds = out.join("kinds.json");
+    std::fs::write(
+        &kinds,
+        serde_json::to_vec(&json!({"loadtest": {
+            "handler": "webhook",
+            "webhook": {"url": sink.url, "timeout_ms": 10000},
+            "backoff_base_sec": 1, "max_attempts": 10,
+        }}))?,
+    )?;
+    let env = vec![("TALLY_KINDS_FILE".to_owned(), kinds.display().to_string())];
+    eprintln!("loadtest: {:?} for {} s", args.scenario, args.duration_sec);
+    let mut c = Cluster::start(args.database_url.clone(), bin, &out, env).await?;
+    let client = tally::http::client();
+    c.spawn(Role::Api, None)?;
+    c.wait_ready(&client).await?;
+    for _ in 0..2 {
+        c.spawn(Role::Control, None)?;
+    }
+    let proxy = if args.scenario == Scenario::NetCut {
+        let upstream = c.url.split('@').nth(1).and_then(|h| h.split('/').next());
+        let upstream = upstream.unwrap_or_default().to_owned();
+        let p = proxy::Proxy::start(upstream.clone()).await?;
+        let via = c.url.replace(&upstream, &format!("127.0.0.1:{}", p.port));
+        c.spawn(Role::Worker, Some(via))?;
+        Some(p)
+    } else {
+        None
+    };
+    for _ in proxy.iter().len()..args.workers {
+        c.spawn(Role::Worker, None)?;
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&c.url)
+        .await?;
+    let started = Instant::now();
+    let submitted = Arc::new(Mutex::new(Vec::<Submitted>::new()));
+    let conn_max = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let sampler = {
+        let (pool, conn_max) = (pool.clone(), conn_max.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(n) = sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'tally%'",
+                )
+                .fetch_one(&pool)
+                .await
+                {
+                    conn_max.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+
+    let load = tokio::spawn(drive_load(
+        args.clone(),
+        client.clone(),
+        c.api_url.clone(),
+        c.api_key.clone(),
+        submitted.clone(),
+    ));
+    let status = tokio::spawn(watch_status(
+        client.clone(),
+        c.api_url.clone(),
+        c.api_key.clone(),
+        submitted.clone(),
+        sink.clone(),
+    ));
+    let soak = tokio::spawn(sample_tables(pool.clone(), started));
+    let faults = drive_faults(&args, &mut c, &pool, started, proxy.as_ref()).await?;
+    load.await??;
+    let load_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "loadtest: load done after {load_secs:.1} s; {} orders; waiting for them to finish",
+        submitted.lock().unwrap().len()
+    );
+    let orders = submitted.lock().unwrap().clone();
+    let drained = wait_finished(
+        &pool,
+        &orders,
+        Duration::from_secs_f64(args.drain_timeout_sec),
+    )
+    .await;
+    let total_secs = started.elapsed().as_secs_f64();
+    // Every sweeper audit has run once more before the verdict.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let invariants = client
+        .get(format!("{}/api/admin/invariants/all", c.api_url))
+        .header("x-api-key", &c.api_key)
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let invariants: serde_json::Value = serde_json::from_slice(&invariants)?;
+    sampler.abort();
+    status.abort();
+    soak.abort();
+    let tables = TABLES.lock().unwrap().clone();
+    let status_latencies = status_samples(&sink);
+    let r = report::build(report::Inputs {
+        args: &args,
+        pool: &pool,
+        orders: &orders,
+        calls: sink.snapshot(),
+        started,
+        faults,
+        drained,
+        load_secs,
+        total_secs,
+        invariants,
+        connections_max: conn_max.load(std::sync::atomic::Ordering::Relaxed),
+        status_latencies,
+        tables,
+    })
+    .await?;
+    c.stop().await;
+    pool.close().await;
+    if let Some(pg) = c.pg.take() {
+        let _ = tokio::task::spawn_blocking(move || drop(pg)).await;
+    }
+    report::write(&r, &out)?;
+    match chart::draw(&r, &out.join("report.png")) {
+        Ok(true) => {}
+        Ok(false) => eprintln!("loadtest: report.png has no labels (no DejaVu Sans font found)"),
+        Err(e) => eprintln!("loadtest: drawing report.png failed: {e}"),
+    }
+    println!("{}", report::markdown(&r));
+    eprintln!("loadtest: report in {}", out.display());
+    Ok(r.passed)
+}
+
+/// Submits orders through the API for the scenario's duration.
+async fn drive_load(
+    args: RunArgs,
+    client: reqwest::Client,
+    api: String,
+    key: String,
+    submitted: Arc<Mutex<Vec<Submitted>>>,
+) -> anyhow::Result<()> {
+    let submit = |quantity: i64, chunk: Option<i64>| {
+        let (client, api, key, submitted) =
+            (client.clone(), api.clone(), key.clone(), submitted.clone());
+        async move {
+            let mut body = json!({"kind": "loadtest", "target": "acct-load", "quantity": quantity});
+            if let Some(c) = chunk {
+                body["chunk_size"] = json!(c);
+            }
+            let idem = uuid::Uuid::new_v4().to_string();
+            for attempt in 0..30 {
+                let sent = client
+                    .post(format!("{api}/api/orders"))
+                    .header("x-api-key", &key)
+                    .header("idempotency-key", &idem)
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&body)?)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().as_u16() == 201 => {
+                        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+                        let id = v["id"].as_str().unwrap_or_default().parse()?;
+                        submitted.lock().unwrap().push(Submitted {
+                            id,
+                            quantity,
+                            accepted_at: Instant::now(),
+                        });
+                        return anyhow::Ok(());
+                    }
+                    // The API answers 503 while PostgreSQL is down: retry with the same key.
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1).min(10))).await
+                    }
+                }
+            }
+            anyhow::bail!("an order could not be submitted in 30 tries")
+        }
+    };
+    let end = Instant::now() + Duration::from_secs_f64(args.duration_sec);
+    match args.scenario {
+        Scenario::Burst => {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..1000 {
+                let q = 1 + (i * 37 % 2000) as i64;
+                set.spawn(submit(q, None));
+                if set.len() >= 64 {
+                    set.join_next().await.unwrap()??;
+                }
+            }
+            while let Some(r) = set.join_next().await {
+                r??;
+            }
+        }
+        _ => {
+            if args.scenario == Scenario::Giant {
+                submit(10_000_000, Some(400)).await?;
+            }
+            let every = Duration::from_secs_f64(1.0 / args.rate.max(0.1));
+            let mut tick = tokio::time::interval(every);
+            let mut n = 0u64;
+            let mut set = tokio::task::JoinSet::new();
+            while Instant::now() < end {
+                tick.tick().await;
+                n += 1;
+                // One order in ten is a 15,000-unit order (38 tasks); the rest single units.
+                let q = if n.is_multiple_of(10) && args.scenario != Scenario::Giant {
+                    15_000
+                } else {
+                    1
+                };
+                set.spawn(submit(q, None));
+                while let Some(r) = set.try_join_next() {
+                    r??;
+                }
+            }
+            while let Some(r) = set.join_next().await {
+                r??;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn db_now(pool: &sqlx::PgPool) -> Option<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .ok()
+}
+
+/// Injects the scenario's faults until its duration has passed.
+async fn drive_faults(
+    args: &RunArgs,
+    c: &mut Cluster,
+    pool: &sqlx::PgPool,
+    started: Instant,
+    proxy: Option<&proxy::Proxy>,
+) -> anyhow::Result<Vec<Fault>> {
+    let end = started + Duration::from_secs_f64(args.duration_sec);
+    let every = Duration::from_secs_f64(args.fault_every_sec);
+    let mut faults = Vec::new();
+    let at = || started.elapsed().as_secs_f64();
+    match args.scenario {
+        Scenario::ChaosKill => {
+            tokio::time::sleep(every).await;
+            while Instant::now() < end {
+                // A random worker among those holding tasks (killing an idle one proves
+                // nothing); any worker when none does.
+                let holding: Vec<i32> = sqlx::query_scalar(
+                    "SELECT DISTINCT w.pid FROM order_tasks t JOIN workers w ON w.id = t.claimed_by \
+                     WHERE t.status = 'EXECUTING' AND w.stopped_at IS NULL",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+                let workers = c.indices(Role::Worker);
+                let busy: Vec<usize> = workers
+                    .iter()
+                    .copied()
+                    .filter(|&i| c.procs[i].pid().is_some_and(|p| holding.contains(&p)))
+                    .collect();
+                let pick = if busy.is_empty() { &workers } else { &busy };
+                let i = pick[fastrand::usize(..pick.len())];
+                let what = format!("SIGKILL worker {}", c.procs[i].name);
+                let db_time = db_now(pool).await;
+                let held = held_by(pool, c.procs[i].pid()).await;
+                c.kill_and_replace(i).await?;
+                faults.push(Fault {
+                    what,
+                    at_sec: at(),
+                    db_time,
+                    failover_sec: None,
+                    held,
+                });
+                tokio::time::sleep(every).await;
+            }
+        }
+        Scenario::ChaosStop => {
+            // Past the default 15 s lease, so the stopped worker's tasks are rescued and
+            // its late completions must be fenced.
+            tokio::time::sleep(every).await;
+            while Instant::now() < end {
+                let workers = c.indices(Role::Worker);
+                let i = workers[fastrand::usize(..workers.len())];
+                let p = &c.procs[i];
+                let db_time = db_now(pool).await;
+                p.signal(libc::SIGSTOP);
+                let held = held_by(pool, p.pid()).await;
+                faults.push(Fault {
+                    what: format!("SIGSTOP worker {} for 20 s", p.name),
+                    at_sec: at(),
+                    db_time,
+                    failover_sec: None,
+                    held,
+                });
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                c.procs[i].signal(libc::SIGCONT);
+                tokio::time::sleep(every).await;
+            }
+        }
+        Scenario::DbRestart => {
+            let Some(pg) = c.pg.clone() else {
+                anyhow::bail!("db-restart needs the throwaway cluster (no --database-url)");
+            };
+            tokio::time::sleep(Duration::from_secs_f64(args.duration_sec / 3.0)).await;
+            faults.push(Fault {
+                what: "PostgreSQL stopped -m immediate for 5 s".into(),
+                at_sec: at(),
+                db_time: None,
+                failover_sec: None,
+                held: Vec::new(),
+            });
+            let p = pg.clone();
+            tokio::task::spawn_blocking(move || p.stop("immediate")).await??;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::task::spawn_blocking(move || pg.restart_after_stop()).await??;
+        }
+        Scenario::LeaderKill => {
+            tokio::time::sleep(every).await;
+            while Instant::now() < end {
+                let holder: Option<(i32,)> = sqlx::query_as(
+                    "SELECT w.pid FROM leader_lease l JOIN workers w ON w.id = l.holder \
+                     WHERE l.name = 'sweeper' AND l.expires_at > now()",
+                )
+                .fetch_optional(pool)
+                .await?;
+                let Some((pid,)) = holder else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let Some(i) = c.procs.iter().position(|p| p.pid() == Some(pid)) else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let what = format!("SIGKILL leader {}", c.procs[i].name);
+                let killed = Instant::now();
+                c.kill_and_replace(i).await?;
+                // Failover: until a live process other than the victim holds the lease.
+                let failover = loop {
+                    let other: Option<(i32,)> = sqlx::query_as(
+                        "SELECT w.pid FROM leader_lease l JOIN workers w ON w.id = l.holder \
+                         WHERE l.name = 'sweeper' AND l.expires_at > now() AND w.pid <> $1",
+                    )
+                    .bind(pid)
+                    .fetch_optional(pool)
+                    .await?;
+                    if other.is_some() || killed.elapsed() > Duration::from_secs(120) {
+                        break killed.elapsed().as_secs_f64();
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                faults.push(Fault {
+                    what,
+                    at_sec: at(),
+                    db_time: None,
+                    failover_sec: Some(failover),
+                    held: Vec::new(),
+                });
+                tokio::time::sleep(every).await;
+            }
+        }
+        Scenario::NetCut => {
+            let proxy = proxy.expect("net-cut starts its proxy");
+            let cut = Duration::from_secs_f64((args.duration_sec / 2.0).min(60.0));
+            tokio::time::sleep(Duration::from_secs_f64(args.duration_sec / 4.0)).await;
+            let db_time = db_now(pool).await;
+            proxy.set_cut(true);
+            let cut_worker = c.indices(Role::Worker)[0];
+            let held = held_by(pool, c.procs[cut_worker].pid()).await;
+            faults.push(Fault {
+                what: format!(
+                    "blackholed worker 1's PostgreSQL traffic for {} s",
+                    cut.as_secs()
+                ),
+                at_sec: at(),
+                db_time,
+                failover_sec: None,
+                held,
+            });
+            tokio::time::sleep(cut).await;
+            proxy.set_cut(false);
+        }
+        Scenario::Steady | Scenario::Giant | Scenario::Burst | Scenario::Soak => {}
+    }
+    let left = end.saturating_duration_since(Instant::now());
+    tokio::time::sleep(left).await;
+    Ok(faults)
+}
+
+/// Status latency, sampled: for single-unit orders, from the sink's answer to the handler
+/// call until `GET /api/orders/{id}` shows COMPLETED (polled every 20 ms; at most 300).
+async fn watch_status(
+    client: reqwest::Client,
+    api: String,
+    key: String,
+    submitted: Arc<Mutex<Vec<Submitted>>>,
+    sink: sink::Sink,
+) {
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let singles: std::collections::HashSet<uuid::Uuid> = submitted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| o.quantity == 1)
+            .map(|o| o.id)
+            .collect();
+        let due: Vec<(uuid::Uuid, Instant)> = sink
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .take(200)
+            .filter(|c| singles.contains(&c.order_id) && !seen.contains(&c.order_id))
+            .map(|c| (c.order_id, c.at))
+            .take(8)
+            .collect();
+        for (id, at) in due {
+            seen.insert(id);
+            let (client, api, key, sink) = (client.clone(), api.clone(), key.clone(), sink.clone());
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let r = client
+                        .get(format!("{api}/api/orders/{id}"))
+                        .header("x-api-key", &key)
+                        .send()
+                        .await;
+                    if let Ok(r) = r
+                        && let Ok(b) = r.bytes().await
+                        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+                        && v["status"] == "COMPLETED"
+                    {
+                        sink.status_latency(at.elapsed().as_secs_f64());
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+        if seen.len() >= 300 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn status_samples(sink: &sink::Sink) -> Vec<f64> {
+    sink.status.lock().unwrap().clone()
+}
+
+/// (seconds since start, table, dead tuples, total bytes), every 10 s.
+pub type TableSample = (f64, String, i64, i64);
+static TABLES: Mutex<Vec<TableSample>> = Mutex::new(Vec::new());
+
+/// Samples the hot tables' dead tuples and sizes every 10 s (soak's drift figures).
+async fn sample_tables(pool: sqlx::PgPool, started: Instant) {
+    loop {
+        let rows: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
+            "SELECT relname::text, n_dead_tup, pg_total_relation_size(relid) \
+             FROM pg_stat_user_tables \
+             WHERE relname IN ('orders', 'order_tasks', 'order_task_transitions', 'workers') \
+             ORDER BY relname",
+        )
+        .fetch_all(&pool)
+        .await;
+        if let Ok(rows) = rows {
+            let t = started.elapsed().as_secs_f64();
+            TABLES
+                .lock()
+                .unwrap()
+                .extend(rows.into_iter().map(|(n, d, b)| (t, n, d, b)));
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+/// Waits until every submitted order is finished; false on timeout.
+async fn wait_finished(pool: &sqlx::PgPool, orders: &[Submitted], timeout: Duration) -> bool {
+    let ids: Vec<uuid::Uuid> = orders.iter().map(|o| o.id).collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let open: Result<i64, _> = sqlx::query_scalar(
+            "SELECT count(*) FROM orders WHERE id = ANY($1) \
+             AND status NOT IN ('COMPLETED', 'PARTIAL', 'CANCELLED')",
+        )
+        .bind(&ids)
+        .fetch_one(pool)
+        .await;
+        if open.is_ok_and(|n| n == 0) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
