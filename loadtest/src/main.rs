@@ -90,7 +90,8 @@ pub struct RunArgs {
 pub struct Submitted {
     pub id: uuid::Uuid,
     pub quantity: i64,
-    pub accepted_at: Instant,
+    /// When the POST that created it started (a retried POST: the first one).
+    pub submitted_at: Instant,
 }
 
 /// A fault and when it happened (database clock for recovery times).
@@ -106,6 +107,31 @@ pub struct Fault {
     /// orphan recovery figures.
     #[serde(skip)]
     pub held: Vec<i64>,
+}
+
+/// A random worker among those holding tasks (faulting an idle one proves nothing),
+/// waiting up to 5 s for one; any worker when none does.
+async fn busy_worker(c: &Cluster, pool: &sqlx::PgPool) -> usize {
+    let workers = c.indices(Role::Worker);
+    for _ in 0..100 {
+        let holding: Vec<i32> = sqlx::query_scalar(
+            "SELECT DISTINCT w.pid FROM order_tasks t JOIN workers w ON w.id = t.claimed_by \
+             WHERE t.status = 'EXECUTING' AND w.stopped_at IS NULL",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+        let busy: Vec<usize> = workers
+            .iter()
+            .copied()
+            .filter(|&i| c.procs[i].pid().is_some_and(|p| holding.contains(&p)))
+            .collect();
+        if !busy.is_empty() {
+            return busy[fastrand::usize(..busy.len())];
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    workers[fastrand::usize(..workers.len())]
 }
 
 /// The tasks process `pid` holds now.
@@ -290,6 +316,7 @@ async fn drive_load(
                 body["chunk_size"] = json!(c);
             }
             let idem = uuid::Uuid::new_v4().to_string();
+            let submitted_at = Instant::now();
             for attempt in 0..30 {
                 let sent = client
                     .post(format!("{api}/api/orders"))
@@ -306,7 +333,7 @@ async fn drive_load(
                         submitted.lock().unwrap().push(Submitted {
                             id,
                             quantity,
-                            accepted_at: Instant::now(),
+                            submitted_at,
                         });
                         return anyhow::Ok(());
                     }
@@ -324,7 +351,12 @@ async fn drive_load(
         Scenario::Burst => {
             let mut set = tokio::task::JoinSet::new();
             for i in 0..1000 {
-                let q = 1 + (i * 37 % 2000) as i64;
+                // Half single units (their pickup is measured), half up to 2,000 units.
+                let q = if i % 2 == 0 {
+                    1
+                } else {
+                    1 + (i * 37 % 2000) as i64
+                };
                 set.spawn(submit(q, None));
                 if set.len() >= 64 {
                     set.join_next().await.unwrap()??;
@@ -387,23 +419,7 @@ async fn drive_faults(
         Scenario::ChaosKill => {
             tokio::time::sleep(every).await;
             while Instant::now() < end {
-                // A random worker among those holding tasks (killing an idle one proves
-                // nothing); any worker when none does.
-                let holding: Vec<i32> = sqlx::query_scalar(
-                    "SELECT DISTINCT w.pid FROM order_tasks t JOIN workers w ON w.id = t.claimed_by \
-                     WHERE t.status = 'EXECUTING' AND w.stopped_at IS NULL",
-                )
-                .fetch_all(pool)
-                .await
-                .unwrap_or_default();
-                let workers = c.indices(Role::Worker);
-                let busy: Vec<usize> = workers
-                    .iter()
-                    .copied()
-                    .filter(|&i| c.procs[i].pid().is_some_and(|p| holding.contains(&p)))
-                    .collect();
-                let pick = if busy.is_empty() { &workers } else { &busy };
-                let i = pick[fastrand::usize(..pick.len())];
+                let i = busy_worker(c, pool).await;
                 let what = format!("SIGKILL worker {}", c.procs[i].name);
                 let db_time = db_now(pool).await;
                 let held = held_by(pool, c.procs[i].pid()).await;
@@ -423,8 +439,7 @@ async fn drive_faults(
             // its late completions must be fenced.
             tokio::time::sleep(every).await;
             while Instant::now() < end {
-                let workers = c.indices(Role::Worker);
-                let i = workers[fastrand::usize(..workers.len())];
+                let i = busy_worker(c, pool).await;
                 let p = &c.procs[i];
                 let db_time = db_now(pool).await;
                 p.signal(libc::SIGSTOP);
@@ -506,10 +521,18 @@ async fn drive_faults(
             let proxy = proxy.expect("net-cut starts its proxy");
             let cut = Duration::from_secs_f64((args.duration_sec / 2.0).min(60.0));
             tokio::time::sleep(Duration::from_secs_f64(args.duration_sec / 4.0)).await;
+            // Cut while the worker behind the proxy holds tasks (up to 10 s of waiting).
+            let cut_worker = c.indices(Role::Worker)[0];
+            let pid = c.procs[cut_worker].pid();
+            for _ in 0..200 {
+                if !held_by(pool, pid).await.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let db_time = db_now(pool).await;
             proxy.set_cut(true);
-            let cut_worker = c.indices(Role::Worker)[0];
-            let held = held_by(pool, c.procs[cut_worker].pid()).await;
+            let held = held_by(pool, pid).await;
             faults.push(Fault {
                 what: format!(
                     "blackholed worker 1's PostgreSQL traffic for {} s",
