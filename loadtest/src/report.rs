@@ -64,8 +64,8 @@ pub struct Report {
     /// Units the sink saw, once per idempotency key (compare with units_delivered).
     pub units_seen_by_sink: i64,
     pub orphans_recovered: i64,
-    /// Tasks a faulted process held that were never rescued as orphans (for a SIGSTOP or a
-    /// net cut, the process may have finished them itself before its lease ran out).
+    /// Tasks a faulted process held that were never rescued as orphans: it finished them in
+    /// the moment between the snapshot and the fault, or (SIGSTOP, net cut) after it.
     pub held_not_rescued: i64,
     pub orphan_recovery_p50_sec: Option<f64>,
     pub orphan_recovery_p99_sec: Option<f64>,
