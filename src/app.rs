@@ -21,6 +21,9 @@ use crate::worker::Worker;
 
 /// Name of the sweeper's leader lease.
 pub const SWEEPER_LEASE: &str = "sweeper";
+/// Where a sweeper leading through the Kubernetes backend records itself (see
+/// `leader::Recorded`); `tally health` reads both names.
+pub const SWEEPER_LEASE_RECORD: &str = "sweeper@kubernetes";
 
 /// Runs the roles in `settings` until `shutdown` fires; returns once they have drained.
 pub async fn serve(settings: ServeSettings, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -219,7 +222,7 @@ async fn elector(
             Box::new(Recorded::new(
                 Box::new(kube),
                 store.clone(),
-                format!("{SWEEPER_LEASE}@kubernetes"),
+                SWEEPER_LEASE_RECORD.to_owned(),
                 process_id,
             ))
         }

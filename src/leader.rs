@@ -94,6 +94,8 @@ pub struct Recorded {
     store: Store,
     name: String,
     holder: Uuid,
+    /// The grant last recorded: a backend answering from its last renewal is not written again.
+    recorded: std::sync::Mutex<Option<Grant>>,
 }
 
 impl Recorded {
@@ -103,6 +105,7 @@ impl Recorded {
             store,
             name,
             holder,
+            recorded: std::sync::Mutex::new(None),
         }
     }
 }
@@ -111,7 +114,8 @@ impl Elector for Recorded {
     fn acquire_or_renew(&self) -> BoxFuture<'_, anyhow::Result<Option<Grant>>> {
         Box::pin(async move {
             let got = self.inner.acquire_or_renew().await?;
-            if let Some(g) = got {
+            let fresh = got.is_some() && *self.recorded.lock().unwrap() != got;
+            if let (Some(g), true) = (got, fresh) {
                 let ttl = self.inner.ttl();
                 if let Err(e) = self
                     .store
@@ -119,6 +123,8 @@ impl Elector for Recorded {
                     .await
                 {
                     tracing::debug!(error = %e, "recording the leader failed");
+                } else {
+                    *self.recorded.lock().unwrap() = got;
                 }
             }
             Ok(got)
@@ -128,6 +134,7 @@ impl Elector for Recorded {
     fn release(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.inner.release().await;
+            *self.recorded.lock().unwrap() = None;
             let _ = self.store.lease_release(&self.name, self.holder).await;
         })
     }

@@ -279,11 +279,21 @@ async fn sweeper_processes_elect_through_a_kubernetes_lease_and_hand_it_over_on_
     let store = db.store.clone();
     wait_until(Duration::from_secs(5), "the leader is recorded", || {
         let store = store.clone();
-        async move { store.lease_holder("sweeper@kubernetes").await.unwrap() == Some((process, 1)) }
+        async move {
+            store
+                .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
+                .await
+                .unwrap()
+                == Some((process, 1))
+        }
     })
     .await;
+    // `tally health` (and /api/admin/health) name it through that record.
+    let leases = [tally::app::SWEEPER_LEASE, tally::app::SWEEPER_LEASE_RECORD];
+    let health = db.store.health(300.0, &leases).await.unwrap();
+    assert_eq!(health.leader, Some(process));
     // The leader's sweeper is at work: it records invariant checks.
-    let id = OrderSpec::units(10, 10).generated(&db.store).await;
+    OrderSpec::units(10, 10).generated(&db.store).await;
     wait_until(
         Duration::from_secs(20),
         "the leader audits the order",
@@ -293,7 +303,6 @@ async fn sweeper_processes_elect_through_a_kubernetes_lease_and_hand_it_over_on_
         },
     )
     .await;
-    let _ = id;
     signal(leader, libc::SIGTERM);
     let stopped = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(20), leader.wait())
@@ -315,7 +324,7 @@ async fn sweeper_processes_elect_through_a_kubernetes_lease_and_hand_it_over_on_
     assert_eq!(kube.api.transitions(NS, LEASE), 1);
     let (recorded, term) = db
         .store
-        .lease_holder("sweeper@kubernetes")
+        .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
         .await
         .unwrap()
         .unwrap();

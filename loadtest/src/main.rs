@@ -229,14 +229,17 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         c.api_key.clone(),
         submitted.clone(),
     ));
+    let status_samples = Arc::new(Mutex::new(Vec::<f64>::new()));
     let status = tokio::spawn(watch_status(
         client.clone(),
         c.api_url.clone(),
         c.api_key.clone(),
         submitted.clone(),
         sink.clone(),
+        status_samples.clone(),
     ));
-    let soak = tokio::spawn(sample_tables(pool.clone(), started));
+    let table_samples = Arc::new(Mutex::new(Vec::<TableSample>::new()));
+    let soak = tokio::spawn(sample_tables(pool.clone(), started, table_samples.clone()));
     let faults = drive_faults(&args, &mut c, &pool, started, proxy.as_ref()).await?;
     load.await??;
     let load_secs = started.elapsed().as_secs_f64();
@@ -265,8 +268,8 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     sampler.abort();
     status.abort();
     soak.abort();
-    let tables = TABLES.lock().unwrap().clone();
-    let status_latencies = status_samples(&sink);
+    let tables = std::mem::take(&mut *table_samples.lock().unwrap());
+    let status_latencies = std::mem::take(&mut *status_samples.lock().unwrap());
     let r = report::build(report::Inputs {
         args: &args,
         pool: &pool,
@@ -561,6 +564,7 @@ async fn watch_status(
     key: String,
     submitted: Arc<Mutex<Vec<Submitted>>>,
     sink: sink::Sink,
+    samples: Arc<Mutex<Vec<f64>>>,
 ) {
     let mut seen = std::collections::HashSet::new();
     loop {
@@ -584,7 +588,8 @@ async fn watch_status(
             .collect();
         for (id, at) in due {
             seen.insert(id);
-            let (client, api, key, sink) = (client.clone(), api.clone(), key.clone(), sink.clone());
+            let (client, api, key, samples) =
+                (client.clone(), api.clone(), key.clone(), samples.clone());
             tokio::spawn(async move {
                 for _ in 0..500 {
                     let r = client
@@ -597,7 +602,7 @@ async fn watch_status(
                         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
                         && v["status"] == "COMPLETED"
                     {
-                        sink.status_latency(at.elapsed().as_secs_f64());
+                        samples.lock().unwrap().push(at.elapsed().as_secs_f64());
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -611,16 +616,15 @@ async fn watch_status(
     }
 }
 
-fn status_samples(sink: &sink::Sink) -> Vec<f64> {
-    sink.status.lock().unwrap().clone()
-}
-
 /// (seconds since start, table, dead tuples, total bytes), every 10 s.
 pub type TableSample = (f64, String, i64, i64);
-static TABLES: Mutex<Vec<TableSample>> = Mutex::new(Vec::new());
 
 /// Samples the hot tables' dead tuples and sizes every 10 s (soak's drift figures).
-async fn sample_tables(pool: sqlx::PgPool, started: Instant) {
+async fn sample_tables(
+    pool: sqlx::PgPool,
+    started: Instant,
+    samples: Arc<Mutex<Vec<TableSample>>>,
+) {
     loop {
         let rows: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
             "SELECT relname::text, n_dead_tup, pg_total_relation_size(relid) \
@@ -632,7 +636,7 @@ async fn sample_tables(pool: sqlx::PgPool, started: Instant) {
         .await;
         if let Ok(rows) = rows {
             let t = started.elapsed().as_secs_f64();
-            TABLES
+            samples
                 .lock()
                 .unwrap()
                 .extend(rows.into_iter().map(|(n, d, b)| (t, n, d, b)));

@@ -28,8 +28,6 @@ struct Body {
 #[derive(Clone)]
 pub struct Sink {
     pub calls: Arc<Mutex<Vec<Call>>>,
-    /// Status latencies the client measured (seconds), kept here for convenience.
-    pub status: Arc<Mutex<Vec<f64>>>,
     latency: Duration,
     pub url: String,
 }
@@ -40,7 +38,6 @@ impl Sink {
         let url = format!("http://{}/deliver", listener.local_addr()?);
         let sink = Sink {
             calls: Arc::new(Mutex::new(Vec::with_capacity(1 << 20))),
-            status: Arc::new(Mutex::new(Vec::new())),
             latency,
             url,
         };
@@ -55,10 +52,6 @@ impl Sink {
 
     pub fn snapshot(&self) -> Vec<Call> {
         self.calls.lock().unwrap().clone()
-    }
-
-    pub fn status_latency(&self, secs: f64) {
-        self.status.lock().unwrap().push(secs);
     }
 }
 

@@ -328,7 +328,7 @@ pub async fn health(
         .store
         .health(
             st.config.stuck_task_after.as_secs_f64(),
-            crate::app::SWEEPER_LEASE,
+            &[crate::app::SWEEPER_LEASE, crate::app::SWEEPER_LEASE_RECORD],
         )
         .await?;
     let stuck_orders = st

@@ -348,7 +348,7 @@ impl Store {
     pub async fn health(
         &self,
         stuck_after_secs: f64,
-        lease: &str,
+        leases: &[&str],
     ) -> Result<HealthRow, StoreError> {
         self.call("checking health", async {
             sqlx::query_as(
@@ -364,11 +364,11 @@ impl Store {
                       AND check_timestamp > now() - interval '1 day') AS invariant_violations_24h, \
                    (SELECT count(*) FROM workers WHERE stopped_at IS NULL AND lease_expires_at > now()) AS live_workers, \
                    (SELECT paused FROM tally_control WHERE id) AS paused, \
-                   (SELECT holder FROM leader_lease WHERE name IN ($2, $2 || '@kubernetes') \
+                   (SELECT holder FROM leader_lease WHERE name = ANY($2) \
                       AND expires_at > now() ORDER BY expires_at DESC LIMIT 1) AS leader",
             )
             .bind(stuck_after_secs)
-            .bind(lease)
+            .bind(leases)
             .fetch_one(self.pool())
             .await
         })
