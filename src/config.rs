@@ -205,7 +205,7 @@ pub struct WorkerArgs {
           value_parser = bounded::<f64>("TALLY_CLAIM_TIMEOUT_SEC", 0.1, 86_400.0))]
     pub claim_timeout_sec: f64,
     /// Worker lease, seconds: a claim whose worker stops heartbeating is rescued after this.
-    #[arg(long, env = "TALLY_LEASE_TTL_SEC", default_value = "15",
+    #[arg(long, env = "TALLY_LEASE_TTL_SEC", default_value = "10",
           value_parser = bounded::<f64>("TALLY_LEASE_TTL_SEC", 0.5, 3600.0))]
     pub lease_ttl_sec: f64,
     /// Longest wait between claims when no NOTIFY arrives, milliseconds.

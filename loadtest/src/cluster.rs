@@ -33,6 +33,8 @@ pub struct Proc {
     pub child: Child,
     /// Where a worker connects to PostgreSQL when it goes through a proxy (net-cut).
     pub database_url: String,
+    /// A worker's Prometheus endpoint (claim latency for the soak); None for other roles.
+    pub metrics_url: Option<String>,
 }
 
 impl Proc {
@@ -136,9 +138,16 @@ impl Cluster {
         let log = std::fs::File::create(self.logs.join(format!("{name}.log")))?;
         let database_url = database_url.unwrap_or_else(|| self.url.clone());
         let mut cmd = Command::new(&self.bin);
+        let metrics_addr = match role {
+            Role::Worker => Some(format!("127.0.0.1:{}", free_port()?)),
+            _ => None,
+        };
         cmd.args(["serve", "--roles", role.roles()])
             .env("TALLY_DATABASE_URL", &database_url)
-            .env("TALLY_METRICS_ADDR", "off")
+            .env(
+                "TALLY_METRICS_ADDR",
+                metrics_addr.as_deref().unwrap_or("off"),
+            )
             .env("TALLY_ADMIN_API_KEY", &self.api_key)
             .env("RUST_LOG", "warn,tally=info")
             .stdin(std::process::Stdio::null())
@@ -157,6 +166,7 @@ impl Cluster {
             name,
             child,
             database_url,
+            metrics_url: metrics_addr.map(|a| format!("http://{a}/metrics")),
         });
         Ok(self.procs.len() - 1)
     }

@@ -9,6 +9,7 @@
 //! not zero.
 
 mod chart;
+mod claims;
 mod cluster;
 mod proxy;
 mod report;
@@ -239,7 +240,20 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         status_samples.clone(),
     ));
     let table_samples = Arc::new(Mutex::new(Vec::<TableSample>::new()));
-    let soak = tokio::spawn(sample_tables(pool.clone(), started, table_samples.clone()));
+    let claim_samples = Arc::new(Mutex::new(Vec::<claims::ClaimSample>::new()));
+    let worker_metrics = c
+        .procs
+        .iter()
+        .filter_map(|p| p.metrics_url.clone())
+        .collect();
+    let soak = tokio::spawn(sample_tables(
+        pool.clone(),
+        client.clone(),
+        worker_metrics,
+        started,
+        table_samples.clone(),
+        claim_samples.clone(),
+    ));
     let faults = drive_faults(&args, &mut c, &pool, started, proxy.as_ref()).await?;
     load.await??;
     let load_secs = started.elapsed().as_secs_f64();
@@ -269,6 +283,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     status.abort();
     soak.abort();
     let tables = std::mem::take(&mut *table_samples.lock().unwrap());
+    let claims = std::mem::take(&mut *claim_samples.lock().unwrap());
     let status_latencies = std::mem::take(&mut *status_samples.lock().unwrap());
     let r = report::build(report::Inputs {
         args: &args,
@@ -284,6 +299,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         connections_max: conn_max.load(std::sync::atomic::Ordering::Relaxed),
         status_latencies,
         tables,
+        claims,
     })
     .await?;
     c.stop().await;
@@ -438,7 +454,7 @@ async fn drive_faults(
             }
         }
         Scenario::ChaosStop => {
-            // Past the default 15 s lease, so the stopped worker's tasks are rescued and
+            // Past the default 10 s lease, so the stopped worker's tasks are rescued and
             // its late completions must be fenced.
             tokio::time::sleep(every).await;
             while Instant::now() < end {
@@ -619,13 +635,31 @@ async fn watch_status(
 /// (seconds since start, table, dead tuples, total bytes), every 10 s.
 pub type TableSample = (f64, String, i64, i64);
 
-/// Samples the hot tables' dead tuples and sizes every 10 s (soak's drift figures).
+/// Samples the hot tables' dead tuples and sizes, and the workers' claim-duration histograms,
+/// every 10 s (soak's drift figures).
 async fn sample_tables(
     pool: sqlx::PgPool,
+    client: reqwest::Client,
+    worker_metrics: Vec<String>,
     started: Instant,
     samples: Arc<Mutex<Vec<TableSample>>>,
+    claim_samples: Arc<Mutex<Vec<claims::ClaimSample>>>,
 ) {
     loop {
+        for url in &worker_metrics {
+            let text = match client.get(url).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => continue,
+            };
+            let buckets = claims::parse(&text);
+            if !buckets.is_empty() {
+                let t = started.elapsed().as_secs_f64();
+                claim_samples
+                    .lock()
+                    .unwrap()
+                    .push((t, url.clone(), buckets));
+            }
+        }
         let rows: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
             "SELECT relname::text, n_dead_tup, pg_total_relation_size(relid) \
              FROM pg_stat_user_tables \

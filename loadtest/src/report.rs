@@ -24,6 +24,7 @@ pub struct Inputs<'a> {
     pub connections_max: i64,
     pub status_latencies: Vec<f64>,
     pub tables: Vec<crate::TableSample>,
+    pub claims: Vec<crate::claims::ClaimSample>,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,6 +83,14 @@ pub struct Report {
     pub passed: bool,
     /// Every 10 s: (seconds, table, dead tuples, total bytes).
     pub tables: Vec<crate::TableSample>,
+    /// Claim statement p99 (workers' histograms) over the first and the last window of the
+    /// load, and their ratio (the soak target: end ≤ 1.5 × start).
+    pub claim_window_sec: f64,
+    pub claim_p99_start_ms: Option<f64>,
+    pub claim_p99_end_ms: Option<f64>,
+    pub claim_p99_end_over_start: Option<f64>,
+    /// Claim p99 (ms) per window of `claim_window_sec`, keyed by the window's end (s).
+    pub claim_p99_timeline: Vec<(f64, Option<f64>)>,
     /// Seconds of load, and from the start until every order finished.
     pub load_secs: f64,
     pub total_secs: f64,
@@ -301,6 +310,19 @@ pub async fn build(i: Inputs<'_>) -> anyhow::Result<Report> {
         && twice == 0
         && inv_failed >= 0
         && i.drained;
+    // The claim windows: a fifth of the load, between 20 s and 5 minutes.
+    let w = (i.load_secs / 5.0).clamp(20.0, 300.0);
+    let claim_p99 = |from: f64, to: f64| {
+        crate::claims::quantile_ms(&crate::claims::window(&i.claims, from, to), 0.99)
+    };
+    let claim_p99_start_ms = claim_p99(0.0, w);
+    let claim_p99_end_ms = claim_p99(i.load_secs - w, i.load_secs);
+    let claim_p99_timeline = (1..=(i.load_secs / w).floor() as usize)
+        .map(|k| {
+            let end = k as f64 * w;
+            (end, claim_p99(end - w, end))
+        })
+        .collect();
     Ok(Report {
         scenario: i.args.scenario,
         duration_sec: i.args.duration_sec,
@@ -336,6 +358,11 @@ pub async fn build(i: Inputs<'_>) -> anyhow::Result<Report> {
         timeline,
         passed,
         tables: i.tables,
+        claim_window_sec: w,
+        claim_p99_start_ms,
+        claim_p99_end_ms,
+        claim_p99_end_over_start: claim_p99_end_ms.zip(claim_p99_start_ms).map(|(e, s)| e / s),
+        claim_p99_timeline,
         load_secs: i.load_secs,
         total_secs: i.total_secs,
     })
@@ -437,6 +464,16 @@ pub fn markdown(r: &Report) -> String {
         (
             "PostgreSQL connections (max seen)",
             r.db_connections_max.to_string(),
+        ),
+        (
+            "claim statement p99, first / last window of the load (end ÷ start)",
+            format!(
+                "{} ms / {} ms ({}; windows of {:.0} s)",
+                opt(r.claim_p99_start_ms, 2),
+                opt(r.claim_p99_end_ms, 2),
+                opt(r.claim_p99_end_over_start, 2),
+                r.claim_window_sec
+            ),
         ),
         ("faults injected", r.faults.len().to_string()),
     ];

@@ -62,7 +62,7 @@ impl Default for WorkerConfig {
         Self {
             batch_size_max: 100,
             concurrency_max: 32,
-            lease_ttl: Duration::from_secs(15),
+            lease_ttl: Duration::from_secs(10),
             claim_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
             listen: true,

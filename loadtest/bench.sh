@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Tally side by side with the peers of the shared benchmark harness (../shared/bench) and the
+# machine's raw-SQL ceiling, on one durable PostgreSQL 15 cluster, in one run, so the ratios
+# mean something on a noisy 2-core machine.
+#
+#   bash loadtest/bench.sh                 # REPS=3 rounds, the order rotated each round
+#   python3 loadtest/bench_table.py        # the table, from loadtest/out/bench/bench.jsonl
+#
+# Each round runs, in rotated order:
+#   tally      `tally bench`: no-op handler, full claim -> complete cycle on TALLY_TASKS tasks
+#              (many orders of 100 tasks, and one order of TALLY_TASKS single units), 1 and 2
+#              in-process workers, then idle pickup (submit -> handler start, 50 samples)
+#   peers      `run-peer.sh NAME N` for each of PEERS (bulk enqueue N, one worker process with
+#              concurrency 10 until drained, then 50 idle pickups)
+#   raw-sql    `probe.sh lifecycle`, batch 1000, 1/2/4 clients (claim with SKIP LOCKED, mark
+#              done: two commits per batch, nothing else)
+#
+# Knobs: REPS (3), TALLY_TASKS (1000000), PEERS (below), OUTDIR (loadtest/out/bench),
+# SHARED_BENCH (../shared/bench), SKIP_BUILD=1 to use the existing target/release/tally.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED_BENCH:-../shared/bench}
+REPS=${REPS:-3}
+TALLY_TASKS=${TALLY_TASKS:-1000000}
+PEERS=${PEERS:-"graphile-worker-batched:200000 graphile-worker:50000 pg-boss:100000 pgqueuer:50000"}
+OUT=${OUTDIR:-loadtest/out/bench}
+[ -x "$SHARED/pg.sh" ] || { echo "bench.sh: the shared harness is not at $SHARED (set SHARED_BENCH)" >&2; exit 1; }
+mkdir -p "$OUT"
+: >"$OUT/bench.jsonl"
+[ "${SKIP_BUILD:-}" = 1 ] || cargo build --release --locked -p tally >&2
+bash "$SHARED/install-peers.sh" node >&2
+bash "$SHARED/install-peers.sh" py >&2
+
+export BENCH_PGDIR=${BENCH_PGDIR:-/tmp/tally-sbs-pg}
+"$SHARED/pg.sh" stop >/dev/null 2>&1 || true
+"$SHARED/pg.sh" start >&2
+trap '"$SHARED/pg.sh" stop >/dev/null 2>&1 || true' EXIT
+"$SHARED/pg.sh" settings >"$OUT/settings.txt" 2>&1 || true
+
+load1() { cut -d' ' -f1 /proc/loadavg; }
+# Appends one JSON object (stdin) to bench.jsonl with the round and a few fields added.
+record() { python3 -c '
+import json, sys
+extra = json.loads(sys.argv[1])
+for line in sys.stdin.read().splitlines():
+    line = line.strip()
+    if line.startswith("{"):
+        o = json.loads(line); o.update(extra); print(json.dumps(o))
+' "$1" | tee -a "$OUT/bench.jsonl"; }
+
+run_tally() {
+  local url l0 t0
+  url=$("$SHARED/pg.sh" freshdb tally_bench)
+  l0=$(load1); t0=$(date +%s)
+  RUST_LOG=warn ./target/release/tally bench --database-url "$url" --tasks "$TALLY_TASKS" \
+      --workers 1,2 --shapes many,single --reps 1 --pickup-samples 50 >"$OUT/tally-$1.json"
+  python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$OUT/tally-$1.json" \
+    | record "{\"system\": \"tally\", \"rep\": $1, \"load1_before\": $l0, \"wall_s\": $(( $(date +%s) - t0 ))}"
+}
+run_peer() { # name n rep
+  local line
+  line=$("$SHARED/run-peer.sh" "$1" "$2") || { echo "bench.sh: $1 failed" >&2; return 0; }
+  echo "$line" | record "{\"rep\": $3}"
+}
+run_ceiling() {
+  local tmp; tmp=$(mktemp -d)
+  OUTDIR=$tmp REPS=1 BATCHES=1000 CLIENTS="1 2 4" "$SHARED/probe.sh" lifecycle >/dev/null
+  grep '"kind":"lifecycle"' "$tmp/probe.jsonl" | record "{\"system\": \"raw-sql\", \"rep\": $1}"
+  rm -rf "$tmp"
+}
+
+read -r -a items <<<"tally $PEERS raw-sql"
+for rep in $(seq 1 "$REPS"); do
+  k=${#items[@]}
+  for ((i = 0; i < k; i++)); do
+    item=${items[$(( (i + rep - 1) % k ))]}
+    echo "== round $rep: $item ($(date -u +%T), load1 $(load1))" >&2
+    case $item in
+      tally) run_tally "$rep" ;;
+      raw-sql) run_ceiling "$rep" ;;
+      *) run_peer "${item%%:*}" "${item##*:}" "$rep" ;;
+    esac
+  done
+done
+python3 loadtest/bench_table.py "$OUT/bench.jsonl" | tee "$OUT/bench.md"
