@@ -77,7 +77,7 @@ pub enum UpdateFence {
 /// last). Picking in a CTE means Postgres cannot update more rows than the `LIMIT`.
 /// The global pause and batch-size override from `tally_control`, paused orders and paused
 /// kinds apply in the same statement, so a pause takes effect at the next claim.
-const CLAIM: &str = r#"
+pub const CLAIM: &str = r#"
 WITH ctl AS (
     SELECT paused, batch_size_override FROM tally_control WHERE id
 ),
@@ -86,12 +86,16 @@ picked AS MATERIALIZED (
     FROM order_tasks t
     WHERE t.status IN ('PENDING', 'FAILED_RETRYING')
       AND t.retry_after <= now()
-      AND t.kind = ANY($3)
+      -- The worker's kinds less the paused ones, as a positive list: the planner estimates
+      -- `kind <> ALL(<subquery>)` as matching nothing when one kind dominates the table,
+      -- and then sorts every claimable row instead of walking the claim index (570 ms
+      -- claims at 200,000 tasks; `engine::the_real_claim_walks_its_index_…` guards it).
+      AND t.kind = ANY(ARRAY(SELECT k FROM unnest($3::text[]) AS k
+                             EXCEPT SELECT name FROM kinds WHERE paused))
       AND NOT coalesce((SELECT paused FROM ctl), false)
-      -- Held orders (paused, or closed with attempts still running) and paused kinds: both
-      -- lists are tiny (partial index / small table) and computed once per statement.
+      -- Held orders (paused, or closed with attempts still running): a tiny list (partial
+      -- index), computed once per statement.
       AND t.order_id <> ALL(ARRAY(SELECT id FROM orders WHERE paused))
-      AND t.kind <> ALL(ARRAY(SELECT name FROM kinds WHERE paused))
     ORDER BY t.priority DESC, t.seq, t.id
     LIMIT least($2, coalesce((SELECT batch_size_override FROM ctl), $2))
     FOR UPDATE SKIP LOCKED
