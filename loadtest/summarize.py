@@ -26,12 +26,13 @@ for name in order:
         f'{fmt(r["pickup_p50_ms"])}/{fmt(r["pickup_p99_ms"])}',
         f'{r["tasks_per_sec"]:.0f} / {r["units_per_sec"]:.0f}',
         str(r["db_connections_max"]),
+        f'{fmt(r.get("claim_p99_start_ms"), 2)} → {fmt(r.get("claim_p99_end_ms"), 2)}',
         "yes" if all(k["met"] for k in r["kpis"]) else "no: " + ", ".join(k["name"].split(" (")[0] for k in r["kpis"] if not k["met"]),
     ])
 head = ["scenario", "s", "verdict", "orders/tasks", "units delivered/expected", "lost (must be 0)",
         "invariant violations (must be 0)", "units counted twice (must be 0)", "raw duplicate calls",
         "orphans: rescue p50/p99 s", "leader failover s", "pickup p50/p99 ms", "tasks/s / units/s",
-        "max connections", "KPIs met"]
+        "max connections", "claim p99 ms, first → last window", "KPIs met"]
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 for r in rows:
