@@ -618,36 +618,41 @@ async fn the_claim_uses_its_partial_index_over_a_million_finished_tasks() {
     );
 }
 
-/// The regression this guards: the claim's paused-kind filter, written `kind <> ALL(...)`, was
-/// estimated to match nothing when one kind filled the table, so the planner sorted every
-/// claimable row (an external merge sort, 570 ms per claim at 200,000 tasks) instead of
-/// walking the claim index. The test EXPLAINs the real statement, with its parameters bound,
-/// over a freshly analysed table that is all one kind and all claimable.
+/// The regression this guards: the claim's paused-kind and paused-order filters, written
+/// `kind <> ALL(...)` and `order_id <> ALL(...)`, were estimated to match nothing when one
+/// kind or one order filled the table, so the planner sorted every claimable row (an
+/// external merge sort, 570 ms per claim at 200,000 tasks) instead of walking the claim
+/// index. The test EXPLAINs the real statement, with its parameters bound, over a freshly
+/// analysed table that is one giant order of one kind, all claimable.
 #[tokio::test]
 async fn the_real_claim_walks_its_index_when_one_kind_fills_the_queue() {
     let db = TestDb::new().await;
-    for _ in 0..20 {
-        OrderSpec::units(10_000, 1).create(&db.store).await;
-    }
+    OrderSpec::units(200_000, 1).create(&db.store).await;
     while db.store.generate_tasks(100, "test").await.unwrap().0 > 0 {}
     assert_eq!(
-        scalar_i64(&db.store, "SELECT count(*) FROM order_tasks WHERE status = 'PENDING'").await,
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM order_tasks WHERE status = 'PENDING'"
+        )
+        .await,
         200_000
     );
     sqlx::query("VACUUM ANALYZE order_tasks")
         .execute(db.pool())
         .await
         .unwrap();
-    let plan: Vec<String> =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {}", tally::store::CLAIM_SQL)))
-        .bind(Uuid::new_v4())
-        .bind(1000i64)
-        .bind(vec!["test".to_owned()])
-        .bind(10.0f64)
-        .bind("explain")
-        .fetch_all(db.pool())
-        .await
-        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        tally::store::CLAIM_SQL
+    )))
+    .bind(Uuid::new_v4())
+    .bind(1000i64)
+    .bind(vec!["test".to_owned()])
+    .bind(10.0f64)
+    .bind("explain")
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
     let plan = plan.join("\n");
     assert!(
         plan.contains("Index Scan using order_tasks_claim_idx"),

@@ -94,8 +94,11 @@ picked AS MATERIALIZED (
                              EXCEPT SELECT name FROM kinds WHERE paused))
       AND NOT coalesce((SELECT paused FROM ctl), false)
       -- Held orders (paused, or closed with attempts still running): a tiny list (partial
-      -- index), computed once per statement.
-      AND t.order_id <> ALL(ARRAY(SELECT id FROM orders WHERE paused))
+      -- index), computed once per statement. Compared as text on purpose: the column's
+      -- statistics make `order_id <> ALL(<subquery>)` estimate to nothing when one order
+      -- fills the queue (a giant order), with the same sorted full read as above; the
+      -- expression has no statistics, so the planner keeps the index walk.
+      AND t.order_id::text <> ALL(ARRAY(SELECT id::text FROM orders WHERE paused))
     ORDER BY t.priority DESC, t.seq, t.id
     LIMIT least($2, coalesce((SELECT batch_size_override FROM ctl), $2))
     FOR UPDATE SKIP LOCKED
