@@ -3,7 +3,8 @@
 //! - `throughput`: no-op handler, full claim → complete cycle, W in-process workers, on a
 //!   queue prefilled with N tasks; tasks/s from the first claim until every order is COMPLETED.
 //! - `pickup`: with the fleet idle, single-unit orders submitted at random gaps; latency from
-//!   the submit call to the handler's start (so it includes generation and both NOTIFY hops).
+//!   the submit call to the handler's start (intake fans a one-task order out itself, as the
+//!   API does by default, so this is the intake statement, one NOTIFY hop and one claim).
 //! - `fanout`: time for the generator to fan out a 1,000,000-unit order (2,500 tasks), and a
 //!   10,000,000-unit one.
 //!
@@ -286,7 +287,12 @@ async fn submit(store: &Store, kind: &str, quantity: u64, chunk: u64) -> anyhow:
         max_attempts: None,
         ..Default::default()
     };
-    match crate::intake::submit(store, &req, IntakeDefaults::default(), None).await? {
+    // As the API does by default: small orders (the pickup samples) are fanned out at intake.
+    let defaults = IntakeDefaults {
+        inline_fanout_max_tasks: crate::intake::INLINE_FANOUT_MAX_TASKS,
+        ..IntakeDefaults::default()
+    };
+    match crate::intake::submit(store, &req, defaults, None).await? {
         crate::store::IntakeOutcome::Created(id) => Ok(id),
         other => anyhow::bail!("unexpected intake outcome {other:?}"),
     }

@@ -172,6 +172,11 @@ pub struct ApiArgs {
     /// Where `/metrics` listens (Prometheus text format); `off` disables it.
     #[arg(long, env = "TALLY_METRICS_ADDR", default_value = "127.0.0.1:9090")]
     pub metrics_addr: String,
+    /// Orders of at most this many tasks are fanned out by the API in the intake statement
+    /// itself (claimable at once); bigger ones wait for the generator. 0: always the generator.
+    #[arg(long, env = "TALLY_INLINE_FANOUT_MAX_TASKS", default_value_t = crate::intake::INLINE_FANOUT_MAX_TASKS,
+          value_parser = bounded::<u32>("TALLY_INLINE_FANOUT_MAX_TASKS", 0, 10_000))]
+    pub inline_fanout_max_tasks: u32,
     /// Signs order callbacks (X-Tally-Signature), like webhook kinds' signing_secret.
     #[arg(long, env = "TALLY_CALLBACK_SIGNING_SECRET", hide_env_values = true)]
     pub callback_signing_secret: Option<String>,
@@ -501,6 +506,7 @@ impl ServeArgs {
                 admin_key: a.admin_api_key.clone(),
                 fault_injection_allowed: a.fault_injection_allowed,
                 callback_allowed_hosts: callback_hosts.clone(),
+                inline_fanout_max_tasks: a.inline_fanout_max_tasks,
                 kind_defaults,
                 stuck_task_after: Duration::from_secs(300),
                 stuck_order_after: secs(self.sweeper.stuck_order_hours * 3600.0),

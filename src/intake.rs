@@ -27,11 +27,19 @@ pub struct OrderRequest {
     pub callback_format: Option<String>,
 }
 
+/// The API's default for [`IntakeDefaults::inline_fanout_max_tasks`]: 64 tasks (25,600 units
+/// at the default chunk of 400) is about a millisecond of inserts inside the intake statement.
+pub const INLINE_FANOUT_MAX_TASKS: u32 = 64;
+
 /// Defaults for what a request leaves out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntakeDefaults {
     pub chunk_size: u32,
     pub max_attempts: u32,
+    /// Orders of at most this many tasks are fanned out by the intake statement itself, so
+    /// their tasks are claimable the moment the order is accepted; bigger ones (and all, at 0)
+    /// are left PENDING for the generator. The API uses `TALLY_INLINE_FANOUT_MAX_TASKS`.
+    pub inline_fanout_max_tasks: u32,
 }
 
 impl Default for IntakeDefaults {
@@ -39,6 +47,7 @@ impl Default for IntakeDefaults {
         Self {
             chunk_size: 400,
             max_attempts: 3,
+            inline_fanout_max_tasks: 0,
         }
     }
 }
@@ -137,6 +146,7 @@ pub fn prepare(
         trace_context: trace_context.map(str::to_owned),
         callback_url: req.callback_url.clone(),
         callback_format: callback_format.to_owned(),
+        fan_out_now: plan.task_count <= defaults.inline_fanout_max_tasks,
     })
 }
 

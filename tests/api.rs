@@ -484,12 +484,15 @@ async fn orders_are_listed_by_filter_with_cursor_pagination() {
     }
     simulate_ids.reverse();
     assert_eq!(seen, simulate_ids, "newest first, each once");
-    let pending = api
-        .get("/api/orders?status=PENDING&limit=500", ADMIN_KEY)
+    // Small orders are fanned out at intake, so they are PROCESSING at once.
+    let processing = api
+        .get("/api/orders?status=PROCESSING&limit=500", ADMIN_KEY)
         .await
         .body;
-    assert_eq!(pending["orders"].as_array().unwrap().len(), 7);
-    assert!(pending["next_cursor"].is_null());
+    assert_eq!(processing["orders"].as_array().unwrap().len(), 7);
+    assert!(processing["next_cursor"].is_null());
+    let pending = api.get("/api/orders?status=PENDING", ADMIN_KEY).await.body;
+    assert_eq!(pending["orders"].as_array().unwrap().len(), 0);
     let done = api
         .get("/api/orders?status=COMPLETED", ADMIN_KEY)
         .await
@@ -801,14 +804,15 @@ async fn pause_resume_cancel_retry_and_force_complete() {
     let db = TestDb::new().await;
     let api = Api::start(&db).await;
     let hooks = Receiver::start().await;
-    let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
 
-    // Pause before anything runs: tasks are generated but never claimed, until resumed.
+    // Pause before anything runs (the workers start after the pause; a 20-task order is
+    // claimable the moment it is accepted): its tasks are never claimed until resumed.
     let a = api.create_order(&order(200, 10)).await;
     let paused = api
         .post(&format!("/api/orders/{a}/pause"), ADMIN_KEY, None)
         .await;
     assert_eq!(paused.body["paused"], true, "{:?}", paused.body);
+    let pod = Pod::start(settings(&db.url, &ALL_ROLES), Handlers::new()).await;
     wait_until(Duration::from_secs(10), "tasks generated", || async {
         api.get(&format!("/api/orders/{a}"), ADMIN_KEY).await.body["status"] == "PROCESSING"
     })

@@ -743,3 +743,119 @@ async fn runtime_connections_carry_their_safety_settings() {
     assert_eq!(show("statement_timeout").await, "30s");
     assert_eq!(show("idle_in_transaction_session_timeout").await, "1min");
 }
+
+#[tokio::test]
+async fn small_orders_are_fanned_out_at_intake_exactly_as_the_generator_would() {
+    use tally::intake::{IntakeDefaults, OrderRequest, submit};
+    use tally::store::IntakeOutcome;
+    let db = TestDb::new().await;
+    let mut wake = sqlx::postgres::PgListener::connect_with(db.pool())
+        .await
+        .unwrap();
+    wake.listen_all(["tally_tasks", "tally_orders"])
+        .await
+        .unwrap();
+    let defaults = IntakeDefaults {
+        inline_fanout_max_tasks: 64,
+        ..IntakeDefaults::default()
+    };
+    let order = |quantity: u64| OrderRequest {
+        kind: "test".into(),
+        target: "acct-42".into(),
+        quantity,
+        chunk_size: Some(400),
+        ..Default::default()
+    };
+    let created = |o: IntakeOutcome| match o {
+        IntakeOutcome::Created(id) => id,
+        other => panic!("{other:?}"),
+    };
+    // 25,600 units are 64 tasks (the limit); 25,601 are 65.
+    for quantity in [1u64, 399, 401, 15_000, 25_600] {
+        let id = created(
+            submit(&db.store, &order(quantity), defaults, None)
+                .await
+                .unwrap(),
+        );
+        let n = wake.recv().await.unwrap();
+        assert_eq!(
+            n.channel(),
+            "tally_tasks",
+            "workers are woken, not the generator"
+        );
+        assert_eq!(order_status(&db.store, id).await, "PROCESSING");
+        let sizes: Vec<i32> =
+            sqlx::query_scalar("SELECT quantity FROM order_tasks WHERE order_id = $1 ORDER BY seq")
+                .bind(id)
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        let plan: Vec<i32> = ChunkPlan::new(quantity, 400)
+            .unwrap()
+            .sizes()
+            .map(|s| s as i32)
+            .collect();
+        assert_eq!(sizes, plan, "{quantity} units");
+        let audit: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT from_state, to_state, transition_reason, actor_id \
+             FROM order_task_transitions WHERE order_id = $1",
+        )
+        .bind(id)
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            audit,
+            [(
+                "PENDING".to_owned(),
+                "PROCESSING".to_owned(),
+                "tasks_generated".to_owned(),
+                "intake".to_owned()
+            )]
+        );
+    }
+    let big = created(
+        submit(&db.store, &order(25_601), defaults, None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(wake.recv().await.unwrap().channel(), "tally_orders");
+    assert_eq!(order_status(&db.store, big).await, "PENDING");
+    assert_eq!(db.store.generate_tasks(100, "test").await.unwrap(), (1, 65));
+
+    // A replayed or conflicting key fans nothing out a second time.
+    let first = created(
+        submit(&db.store, &order(800), defaults, Some("k-1"))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        submit(&db.store, &order(800), defaults, Some("k-1"))
+            .await
+            .unwrap(),
+        IntakeOutcome::Replayed(first)
+    );
+    assert_eq!(
+        submit(&db.store, &order(900), defaults, Some("k-1"))
+            .await
+            .unwrap(),
+        IntakeOutcome::Conflict(first)
+    );
+    let first_tasks: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_tasks WHERE order_id = $1")
+            .bind(first)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(first_tasks, 2);
+    let expected: u64 = [1u64, 399, 401, 15_000, 25_600, 25_601, 800]
+        .iter()
+        .map(|q| q.div_ceil(400))
+        .sum();
+    assert_eq!(
+        scalar_i64(&db.store, "SELECT count(*) FROM order_tasks").await as u64,
+        expected
+    );
+    assert_eq!(db.store.generate_tasks(100, "test").await.unwrap(), (0, 0));
+    assert!(audit_all(&db.store).await.is_empty());
+}

@@ -44,6 +44,8 @@ pub struct ApiConfig {
     pub fault_injection_allowed: bool,
     /// Hosts order callbacks may name; empty: any.
     pub callback_allowed_hosts: Vec<String>,
+    /// Orders of at most this many tasks are fanned out at intake (`TALLY_INLINE_FANOUT_MAX_TASKS`).
+    pub inline_fanout_max_tasks: u32,
     /// Kinds created without a policy field get these.
     pub kind_defaults: KindDefaults,
     /// An EXECUTING task older than this counts as stuck in the health check.
@@ -59,6 +61,7 @@ impl Default for ApiConfig {
             admin_key: None,
             fault_injection_allowed: false,
             callback_allowed_hosts: Vec::new(),
+            inline_fanout_max_tasks: crate::intake::INLINE_FANOUT_MAX_TASKS,
             kind_defaults: KindDefaults::default(),
             stuck_task_after: Duration::from_secs(300),
             stuck_order_after: Duration::from_secs(2 * 3600),

@@ -222,6 +222,7 @@ async fn create_in_span(
     let defaults = IntakeDefaults {
         chunk_size: kind.default_chunk_size.max(1) as u32,
         max_attempts: kind.max_attempts.max(1) as u32,
+        inline_fanout_max_tasks: st.config.inline_fanout_max_tasks,
     };
     let order = prepare(&req, defaults, key, trace.as_deref())?;
     let (id, replayed) = match st.store.create_order(&order).await? {

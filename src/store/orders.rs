@@ -26,6 +26,9 @@ pub struct NewOrder {
     /// Where to report the outcome, and in which format (`json` or `slack`).
     pub callback_url: Option<String>,
     pub callback_format: String,
+    /// Fan the order out into tasks in the intake statement itself (small orders; see
+    /// `IntakeDefaults::inline_fanout_max_tasks`) instead of leaving it PENDING for the generator.
+    pub fan_out_now: bool,
 }
 
 /// What intake did with a request.
@@ -75,10 +78,39 @@ macro_rules! order_columns {
     };
 }
 
+/// The tail both intake statements share, after the CTE `ins` (the inserted order, if any).
+///
+/// With its flag parameter true (a small order, see `IntakeDefaults::inline_fanout_max_tasks`) the order is
+/// fanned out in the same statement, exactly as `GENERATE` would do it (same chunk sizes, same
+/// audit row), and the workers are woken at once; that saves the generator's round trip on the
+/// path from submit to first delivery. Otherwise the order stays PENDING for the generator.
+macro_rules! fan_out_now {
+    ($now:literal) => {
+        concat!(
+            "tasks AS (
+    INSERT INTO order_tasks (order_id, seq, kind, quantity, priority, max_attempts)
+    SELECT ins.id, g.seq, $2,
+           ($4::bigint / $6 + CASE WHEN g.seq < $4::bigint % $6 THEN 1 ELSE 0 END)::int, $7, $8
+    FROM ins CROSS JOIN LATERAL generate_series(0, $6 - 1) AS g(seq)
+    WHERE ", $now, "
+    RETURNING 1
+),
+audit AS (
+    INSERT INTO order_task_transitions (order_id, from_state, to_state, transition_reason, actor_id)
+    SELECT id, 'PENDING', 'PROCESSING', 'tasks_generated', 'intake' FROM ins WHERE ", $now, "
+),
+wake AS (
+    SELECT pg_notify(CASE WHEN ", $now, " THEN 'tally_tasks' ELSE 'tally_orders' END, '') FROM ins
+)"
+        )
+    };
+}
+
 /// Records the key first; the order is inserted only by the request that inserted the key,
 /// in the same statement, so a concurrent duplicate waits on the key and then finds the
 /// order instead of creating a second one.
-const INTAKE_WITH_KEY: &str = r#"
+const INTAKE_WITH_KEY: &str = concat!(
+    r#"
 WITH led AS (
     INSERT INTO idempotency_ledger (operation_key, order_id, state, request_hash, attempt_count)
     VALUES ($10, $1, 'ACCEPTED', encode(sha256(convert_to($11, 'UTF8')), 'hex'), 1)
@@ -88,27 +120,39 @@ WITH led AS (
 ),
 ins AS (
     INSERT INTO orders (id, kind, target, quantity, chunk_size, task_count, priority,
-                        max_attempts, client_key, trace_context, callback_url, callback_format)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10, $9, $12, $13 FROM led WHERE led.inserted
+                        max_attempts, client_key, trace_context, callback_url, callback_format,
+                        status, generated_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10, $9, $12, $13,
+           CASE WHEN $14 THEN 'PROCESSING' ELSE 'PENDING' END, CASE WHEN $14 THEN now() END
+    FROM led WHERE led.inserted
     RETURNING id
 ),
-wake AS (SELECT pg_notify('tally_orders', '') FROM ins)
+"#,
+    fan_out_now!("$14"),
+    r#"
 SELECT led.order_id, led.inserted,
        led.request_hash = encode(sha256(convert_to($11, 'UTF8')), 'hex') AS same_request,
        (SELECT count(*) FROM wake) AS woke
 FROM led
-"#;
+"#
+);
 
-const INTAKE: &str = r#"
+const INTAKE: &str = concat!(
+    r#"
 WITH ins AS (
     INSERT INTO orders (id, kind, target, quantity, chunk_size, task_count, priority,
-                        max_attempts, trace_context, callback_url, callback_format)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                        max_attempts, trace_context, callback_url, callback_format,
+                        status, generated_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+            CASE WHEN $12 THEN 'PROCESSING' ELSE 'PENDING' END, CASE WHEN $12 THEN now() END)
     RETURNING id
 ),
-wake AS (SELECT pg_notify('tally_orders', '') FROM ins)
+"#,
+    fan_out_now!("$12"),
+    r#"
 SELECT ins.id, (SELECT count(*) FROM wake) FROM ins
-"#;
+"#
+);
 
 /// Fans PENDING orders out into tasks and moves them to PROCESSING in one statement.
 ///
@@ -188,6 +232,7 @@ impl Store {
                             .bind(&order.trace_context)
                             .bind(&order.callback_url)
                             .bind(&order.callback_format)
+                            .bind(order.fan_out_now)
                             .fetch_one(self.pool())
                             .await
                     })
@@ -211,6 +256,7 @@ impl Store {
                             .bind(&order.canonical_request)
                             .bind(&order.callback_url)
                             .bind(&order.callback_format)
+                            .bind(order.fan_out_now)
                             .fetch_one(self.pool())
                             .await
                     })
