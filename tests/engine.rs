@@ -859,3 +859,31 @@ async fn small_orders_are_fanned_out_at_intake_exactly_as_the_generator_would() 
     assert_eq!(db.store.generate_tasks(100, "test").await.unwrap(), (0, 0));
     assert!(audit_all(&db.store).await.is_empty());
 }
+
+#[tokio::test]
+async fn order_counter_updates_stay_hot() {
+    // The completion batch's order update (see `store::tasks::APPLY`) changes these columns on
+    // every batch; if an index covered one of them, none of those updates could be HOT.
+    let db = TestDb::new().await;
+    let id = OrderSpec::units(800, 400).generated(&db.store).await;
+    let mut tx = db.pool().begin().await.unwrap();
+    // This backend's counts not yet flushed to pg_stat_user_tables: compare before and after.
+    const COUNTS: &str =
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'orders'";
+    let before: (i64, i64) = sqlx::query_as(COUNTS).fetch_one(&mut *tx).await.unwrap();
+    sqlx::query(
+        "UPDATE orders SET delivered = delivered + 400, \
+         failed_permanent_units = failed_permanent_units, cancelled_units = cancelled_units, \
+         needs_attention = false, version = version + 1, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let after: (i64, i64) = sqlx::query_as(COUNTS).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1),
+        "the counter update was not HOT"
+    );
+}
