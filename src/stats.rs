@@ -1,7 +1,7 @@
 //! What one process reports with its heartbeat: lifetime counters (`workers` row) and the
 //! claims it really holds (whose leases the heartbeat renews).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,8 +23,9 @@ pub struct Stats {
     /// Claim tokens this process is executing right now. The heartbeat renews exactly these
     /// leases: a claim whose response was lost (the connection died after the commit) is not
     /// in here, so its lease runs out and the sweeper rescues it instead of it being kept
-    /// alive forever by a worker that does not know it holds it.
-    held: Mutex<HashSet<Uuid>>,
+    /// alive forever by a worker that does not know it holds it. A token is shared by the
+    /// tasks of one claim batch, so each is counted: it stays held until its last task ends.
+    held: Mutex<HashMap<Uuid, usize>>,
     /// The process's Prometheus metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -35,16 +36,21 @@ impl Stats {
     }
 
     pub fn hold(&self, tokens: impl IntoIterator<Item = Uuid>) {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(tokens);
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tokens {
+            *held.entry(t).or_default() += 1;
+        }
     }
 
     pub fn release(&self, tokens: impl IntoIterator<Item = Uuid>) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for t in tokens {
-            held.remove(&t);
+            if let Some(n) = held.get_mut(&t) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&t);
+                }
+            }
         }
     }
 
@@ -53,7 +59,7 @@ impl Stats {
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
+            .keys()
             .copied()
             .collect()
     }
@@ -67,5 +73,28 @@ impl Stats {
             retries: get(&self.retries),
             recovered_orphans: get(&self.recovered_orphans),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_token_stays_held_until_its_last_task_is_released() {
+        let stats = Stats::default();
+        let (batch, other) = (Uuid::new_v4(), Uuid::new_v4());
+        stats.hold([batch, batch, other]);
+        stats.release([batch]);
+        let mut held = stats.held();
+        held.sort();
+        let mut want = vec![batch, other];
+        want.sort();
+        assert_eq!(held, want, "one task of the batch is still running");
+        stats.release([batch, other]);
+        assert!(stats.held().is_empty());
+        // Releasing what is not held (a fenced-off duplicate) changes nothing.
+        stats.release([batch]);
+        assert!(stats.held().is_empty());
     }
 }

@@ -522,6 +522,49 @@ async fn claims_interleave_orders_and_priority_wins() {
 }
 
 #[tokio::test]
+async fn a_claim_batch_takes_whole_runs_of_an_order() {
+    let db = TestDb::new().await;
+    let kinds = vec!["test".to_string()];
+    let lease = Duration::from_secs(60);
+    let run = tally::store::CLAIM_RUN;
+    assert!(tally::store::CLAIM_SQL.contains(&format!("t.seq / {run}, t.id")));
+    let mut orders = Vec::new();
+    for _ in 0..20 {
+        orders.push(OrderSpec::units(100, 1).generated(&db.store).await);
+    }
+    // 20 orders of 100 tasks: a batch of 1,000 is the first run of 15 orders and 40 tasks
+    // of the 16th, not the first task of each order as a task-by-task interleave would take.
+    let first = db
+        .store
+        .claim_tasks(Uuid::new_v4(), 1000, &kinds, lease)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1000);
+    assert!(first.iter().all(|t| t.seq < run), "first runs only");
+    let touched: std::collections::BTreeSet<Uuid> = first.iter().map(|t| t.order_id).collect();
+    assert_eq!(touched.len(), 16, "one batch touches few orders");
+    assert_eq!(
+        touched,
+        orders[..16].iter().copied().collect(),
+        "in arrival order"
+    );
+    // The next batch finishes every order's first run before any order's second.
+    let next = db
+        .store
+        .claim_tasks(Uuid::new_v4(), 300, &kinds, lease)
+        .await
+        .unwrap();
+    let first_runs = next.iter().filter(|t| t.seq < run).count();
+    assert_eq!(first_runs, 24 + 4 * 64);
+    let second_runs: Vec<_> = next.iter().filter(|t| t.seq >= run).collect();
+    assert_eq!(second_runs.len(), 300 - first_runs);
+    assert!(
+        second_runs.iter().all(|t| t.order_id == orders[0]),
+        "then the oldest order's second run"
+    );
+}
+
+#[tokio::test]
 async fn a_small_order_behind_a_giant_starts_within_seconds() {
     let db = TestDb::new().await;
     OrderSpec::units(1_000_000, 400).create(&db.store).await;
@@ -584,7 +627,7 @@ async fn the_claim_uses_its_partial_index_over_a_million_finished_tasks() {
     let plan: Vec<String> = sqlx::query_scalar(
         "EXPLAIN SELECT t.id FROM order_tasks t \
          WHERE t.status IN ('PENDING', 'FAILED_RETRYING') AND t.retry_after <= now() AND t.kind = ANY('{test}') \
-         ORDER BY t.priority DESC, t.seq, t.id LIMIT 100 FOR UPDATE SKIP LOCKED",
+         ORDER BY t.priority DESC, t.seq / 64, t.id LIMIT 100 FOR UPDATE SKIP LOCKED",
     )
     .fetch_all(db.pool())
     .await
@@ -650,6 +693,7 @@ async fn the_real_claim_walks_its_index_when_one_kind_fills_the_queue() {
     .bind(vec!["test".to_owned()])
     .bind(10.0f64)
     .bind("explain")
+    .bind(Uuid::new_v4())
     .fetch_all(db.pool())
     .await
     .unwrap();

@@ -8,7 +8,7 @@ use super::{Store, StoreError};
 use crate::domain::state::{RetryAt, Transition};
 use crate::domain::{TaskSnapshot, TaskStatus};
 
-/// A task this worker now holds. `claim_token` fences every write about it.
+/// A task this worker now holds. `(id, claim_token)` fences every write about it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ClaimedTask {
     pub id: i64,
@@ -20,6 +20,8 @@ pub struct ClaimedTask {
     /// Attempt number of this claim (1-based).
     pub attempts: i32,
     pub max_attempts: i32,
+    /// One token per claim statement, shared by the tasks it claimed: with the task id it
+    /// names this claim of this task, and fences every write about it.
     pub claim_token: Uuid,
     pub target: String,
     pub trace_context: Option<String>,
@@ -72,11 +74,16 @@ pub enum UpdateFence {
 /// Claims up to `limit` tasks of the given kinds in one statement.
 ///
 /// The CTE picks rows with `FOR UPDATE SKIP LOCKED` in the order of
-/// `order_tasks_claim_idx` (priority, then `seq`, so tasks of different orders
-/// interleave: a small order's first task competes with a giant order's next one, not its
-/// last). Picking in a CTE means Postgres cannot update more rows than the `LIMIT`.
+/// `order_tasks_claim_idx`: priority, then runs of [`CLAIM_RUN`] tasks (`seq / 64`), then
+/// id. Orders interleave run by run: a small order's first run competes with a giant
+/// order's next run, not its last, while one batch still takes whole runs of few orders
+/// (few order rows to update, few places in the audit index). Picking in a CTE means Postgres cannot update more rows than the `LIMIT`.
 /// The global pause and batch-size override from `tally_control`, paused orders and paused
 /// kinds apply in the same statement, so a pause takes effect at the next claim.
+/// Tasks of one order a claim takes in a row before another order's turn (the `64` in
+/// `CLAIM` and in migration 0004's index expression, which must match it).
+pub const CLAIM_RUN: i32 = 64;
+
 pub const CLAIM: &str = r#"
 WITH ctl AS (
     SELECT paused, batch_size_override FROM tally_control WHERE id
@@ -99,7 +106,7 @@ picked AS MATERIALIZED (
       -- fills the queue (a giant order), with the same sorted full read as above; the
       -- expression has no statistics, so the planner keeps the index walk.
       AND t.order_id::text <> ALL(ARRAY(SELECT id::text FROM orders WHERE paused))
-    ORDER BY t.priority DESC, t.seq, t.id
+    ORDER BY t.priority DESC, t.seq / 64, t.id
     LIMIT least($2, coalesce((SELECT batch_size_override FROM ctl), $2))
     FOR UPDATE SKIP LOCKED
 ),
@@ -111,7 +118,10 @@ claimed AS (
         attempts = t.attempts + 1,
         claimed_by = $1,
         claimed_at = now(),
-        claim_token = gen_random_uuid(),
+        -- One token for the whole batch: (id, token) is still unique per claim of a task,
+        -- and it spares a gen_random_uuid() per row (about 6 µs each, a sixth of the
+        -- claim's cost per task at batch 1,000).
+        claim_token = $6,
         lease_expires_at = now() + make_interval(secs => $4),
         updated_at = now()
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.attempts < t.max_attempts
@@ -264,6 +274,7 @@ impl Store {
                 .bind(kinds)
                 .bind(lease.as_secs_f64())
                 .bind(worker_id.to_string())
+                .bind(Uuid::new_v4())
                 .fetch_all(self.pool())
                 .await
         })
