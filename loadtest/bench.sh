@@ -10,13 +10,14 @@
 #   tally      `tally bench`: no-op handler, full claim -> complete cycle on TALLY_TASKS tasks
 #              (many orders of 100 tasks, and one order of TALLY_TASKS single units) with
 #              TALLY_WORKERS in-process workers (each its own claim loop and completer, like a
-#              pod), then idle pickup (submit -> handler start, 50 samples)
+#              pod), then idle pickup (submit -> handler start, TALLY_PICKUPS samples: 300 by
+#              default, so the p99 is an estimate and not simply the largest of 50)
 #   peers      `run-peer.sh NAME N` for each of PEERS (bulk enqueue N, one worker process with
 #              concurrency 10 until drained, then 50 idle pickups)
 #   raw-sql    `probe.sh lifecycle`, batch 1000, 1/2/4 clients (claim with SKIP LOCKED, mark
 #              done: two commits per batch, nothing else)
 #
-# Knobs: REPS (3), TALLY_TASKS (1000000), TALLY_WORKERS (2), PEERS (below), OUTDIR (loadtest/out/bench),
+# Knobs: REPS (3), TALLY_TASKS (1000000), TALLY_WORKERS (2), TALLY_PICKUPS (300), PEERS (below), OUTDIR (loadtest/out/bench),
 # SHARED_BENCH (../shared/bench), SKIP_BUILD=1 to use the existing target/release/tally.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ SHARED=${SHARED_BENCH:-../shared/bench}
 REPS=${REPS:-3}
 TALLY_TASKS=${TALLY_TASKS:-1000000}
 TALLY_WORKERS=${TALLY_WORKERS:-2}
+TALLY_PICKUPS=${TALLY_PICKUPS:-300}
 PEERS=${PEERS:-"graphile-worker-batched:200000 graphile-worker:50000 pg-boss:100000 pgqueuer:50000"}
 OUT=${OUTDIR:-loadtest/out/bench}
 [ -x "$SHARED/pg.sh" ] || { echo "bench.sh: the shared harness is not at $SHARED (set SHARED_BENCH)" >&2; exit 1; }
@@ -55,7 +57,7 @@ run_tally() {
   url=$("$SHARED/pg.sh" freshdb tally_bench)
   l0=$(load1); t0=$(date +%s)
   RUST_LOG=warn ./target/release/tally bench --database-url "$url" --tasks "$TALLY_TASKS" \
-      --workers "$TALLY_WORKERS" --shapes many,single --reps 1 --pickup-samples 50 >"$OUT/tally-$1.json"
+      --workers "$TALLY_WORKERS" --shapes many,single --reps 1 --pickup-samples "$TALLY_PICKUPS" >"$OUT/tally-$1.json"
   python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$OUT/tally-$1.json" \
     | record "{\"system\": \"tally\", \"rep\": $1, \"load1_before\": $l0, \"wall_s\": $(( $(date +%s) - t0 ))}"
 }
