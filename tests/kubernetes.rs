@@ -322,13 +322,29 @@ async fn sweeper_processes_elect_through_a_kubernetes_lease_and_hand_it_over_on_
     .await;
     assert!(stopped.elapsed() < Duration::from_secs(3));
     assert_eq!(kube.api.transitions(NS, LEASE), 1);
-    let (recorded, term) = db
+    // The database record follows the Lease: the old leader deletes its record on the way
+    // out and the new one writes its own just after taking the Lease, so wait for it.
+    wait_until(
+        Duration::from_secs(5),
+        "the new leader records its leadership",
+        || {
+            let store = store.clone();
+            async move {
+                store
+                    .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
+                    .await
+                    .unwrap()
+                    .is_some_and(|(holder, _)| holder != process)
+            }
+        },
+    )
+    .await;
+    let (_, term) = db
         .store
         .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
         .await
         .unwrap()
         .unwrap();
-    assert_ne!(recorded, process);
     assert_eq!(term, 2);
     signal(standby, libc::SIGTERM);
     assert!(standby.wait().await.unwrap().success());
