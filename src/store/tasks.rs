@@ -71,19 +71,20 @@ pub enum UpdateFence {
     ExpiredLease,
 }
 
+/// Tasks of one order a claim takes in a row before another order's turn (the `64` in
+/// `CLAIM` and in migration 0004's index expression, which must match it).
+pub const CLAIM_RUN: i32 = 64;
+
 /// Claims up to `limit` tasks of the given kinds in one statement.
 ///
 /// The CTE picks rows with `FOR UPDATE SKIP LOCKED` in the order of
 /// `order_tasks_claim_idx`: priority, then runs of [`CLAIM_RUN`] tasks (`seq / 64`), then
 /// id. Orders interleave run by run: a small order's first run competes with a giant
 /// order's next run, not its last, while one batch still takes whole runs of few orders
-/// (few order rows to update, few places in the audit index). Picking in a CTE means Postgres cannot update more rows than the `LIMIT`.
+/// (few order rows to update, few places in the audit index). Picking in a CTE means
+/// Postgres cannot update more rows than the `LIMIT`.
 /// The global pause and batch-size override from `tally_control`, paused orders and paused
 /// kinds apply in the same statement, so a pause takes effect at the next claim.
-/// Tasks of one order a claim takes in a row before another order's turn (the `64` in
-/// `CLAIM` and in migration 0004's index expression, which must match it).
-pub const CLAIM_RUN: i32 = 64;
-
 pub const CLAIM: &str = r#"
 WITH ctl AS (
     SELECT paused, batch_size_override FROM tally_control WHERE id
