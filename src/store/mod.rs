@@ -36,10 +36,10 @@ pub use leader::LeaseGrant;
 pub use ops::{ActionOutcome, OrderAction};
 pub use orders::{GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, IntakeOutcome, NewOrder, OrderRow};
 pub use sweep::{ExpiredTask, RetentionReport};
-pub use tasks::{Applied, ClaimedTask, TaskUpdate, UpdateFence};
 /// The claim statement itself, so a test can EXPLAIN exactly what workers run.
 #[doc(hidden)]
-pub use tasks::{CLAIM as CLAIM_SQL, CLAIM_RUN};
+pub use tasks::{APPLY as APPLY_SQL, CLAIM as CLAIM_SQL, CLAIM_RUN};
+pub use tasks::{Applied, ClaimedTask, TaskUpdate, UpdateFence};
 pub use workers::{WorkerCounters, WorkerRegistration};
 
 /// Channel that tells workers new tasks may be claimable.

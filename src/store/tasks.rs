@@ -158,7 +158,7 @@ LEFT JOIN LATERAL (SELECT updated_at FROM kinds WHERE name = c.kind) k ON true
 ///   the orders are locked in id order so concurrent batches cannot deadlock on them.
 /// - Completion: the order becomes COMPLETED in the same statement that delivers its last
 ///   unit; `needs_attention` is set when every remaining unit is dead-lettered.
-const APPLY: &str = r#"
+pub const APPLY: &str = r#"
 WITH input AS (
     SELECT *
     FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::int[], $6::bigint[],
@@ -181,10 +181,14 @@ upd AS (
                                 ELSE i.error_class END,
         updated_at = now()
     FROM input i
-    WHERE t.id = ANY($1::bigint[])
-      AND t.id = i.id
+    -- The fence is the claim token alone: `order_tasks_executing_has_claim` makes a token
+    -- mean EXECUTING. Naming the status, or listing the ids as `t.id = ANY($1)`, let the
+    -- planner start from `order_tasks_executing_idx` or the id list with a one-row
+    -- estimate and re-run the unnest for every task it found: after an ANALYZE mid-run,
+    -- 130-150 ms per 500-task batch instead of 10 ms. Without them the only sane plan is
+    -- one primary-key lookup per input row (`engine::the_completion_write_…` guards it).
+    WHERE t.id = i.id
       AND t.claim_token = i.token
-      AND t.status = 'EXECUTING'
       AND (NOT $12 OR t.lease_expires_at < now())
     RETURNING t.id, t.order_id, t.status, t.attempts, i.delivered_delta, i.failed_delta,
               i.cancelled_delta, i.reason, i.error_class, i.retry_in_secs
