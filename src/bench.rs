@@ -152,15 +152,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 let started = Instant::now();
                 let fleet = start_workers(&store, &worker_cfg, &handlers, workers, &stop);
                 loop {
-                    let open: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM orders WHERE status <> 'COMPLETED'",
+                    // Cheap and not too often: a count of every order each 20 ms took about
+                    // a tenth of the database's time at 1,000,000 tasks (10,000 orders).
+                    let open: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM orders WHERE status = 'PENDING') \
+                         OR EXISTS (SELECT 1 FROM orders WHERE status = 'PROCESSING')",
                     )
                     .fetch_one(store.pool())
                     .await?;
-                    if open == 0 {
+                    if !open {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let secs = started.elapsed().as_secs_f64();
                 trigger.fire();
