@@ -238,6 +238,27 @@ async fn an_unreachable_api_server_makes_the_leader_step_down_and_it_resumes_aft
     }
 }
 
+/// The process a Lease holder names: the identity is hostname_processid, and the process id
+/// is the workers row.
+fn lease_process(holder: &str) -> uuid::Uuid {
+    holder.rsplit('_').next().unwrap().parse().unwrap()
+}
+
+/// Waits until the leadership record `tally health` reads names `process` in `term`.
+async fn wait_for_leader_record(store: &tally::store::Store, process: uuid::Uuid, term: i64) {
+    wait_until(Duration::from_secs(5), "the leader is recorded", || {
+        let store = store.clone();
+        async move {
+            store
+                .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
+                .await
+                .unwrap()
+                == Some((process, term))
+        }
+    })
+    .await;
+}
+
 /// Two `tally serve --roles sweeper` processes elect through the fake API server; SIGTERM
 /// on the leader hands the Lease to the other at once.
 #[tokio::test]
@@ -262,8 +283,7 @@ async fn sweeper_processes_elect_through_a_kubernetes_lease_and_hand_it_over_on_
     })
     .await;
     let first = kube.api.holder(NS, LEASE).unwrap();
-    // The identity is hostname_processid; the process id is the workers row.
-    let process: uuid::Uuid = first.rsplit('_').next().unwrap().parse().unwrap();
+    let process = lease_process(&first);
     let pid: i32 = sqlx::query_scalar("SELECT pid FROM workers WHERE id = $1")
         .bind(process)
         .fetch_one(db.store.pool())
@@ -277,17 +297,7 @@ async fn sweeper_processes_elect_through_a_kubernetes_lease_and_hand_it_over_on_
     assert_eq!(leader.id(), Some(pid as u32));
     // The leadership is recorded for `tally health` (a record, not the lock).
     let store = db.store.clone();
-    wait_until(Duration::from_secs(5), "the leader is recorded", || {
-        let store = store.clone();
-        async move {
-            store
-                .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
-                .await
-                .unwrap()
-                == Some((process, 1))
-        }
-    })
-    .await;
+    wait_for_leader_record(&store, process, 1).await;
     // `tally health` (and /api/admin/health) name it through that record.
     let leases = [tally::app::SWEEPER_LEASE, tally::app::SWEEPER_LEASE_RECORD];
     let health = db.store.health(300.0, &leases).await.unwrap();
@@ -324,28 +334,9 @@ async fn sweeper_processes_elect_through_a_kubernetes_lease_and_hand_it_over_on_
     assert_eq!(kube.api.transitions(NS, LEASE), 1);
     // The database record follows the Lease: the old leader deletes its record on the way
     // out and the new one writes its own just after taking the Lease, so wait for it.
-    wait_until(
-        Duration::from_secs(5),
-        "the new leader records its leadership",
-        || {
-            let store = store.clone();
-            async move {
-                store
-                    .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
-                    .await
-                    .unwrap()
-                    .is_some_and(|(holder, _)| holder != process)
-            }
-        },
-    )
-    .await;
-    let (_, term) = db
-        .store
-        .lease_holder(tally::app::SWEEPER_LEASE_RECORD)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(term, 2);
+    let successor = lease_process(&kube.api.holder(NS, LEASE).unwrap());
+    assert_ne!(successor, process);
+    wait_for_leader_record(&store, successor, 2).await;
     signal(standby, libc::SIGTERM);
     assert!(standby.wait().await.unwrap().success());
     assert_eq!(kube.api.holder(NS, LEASE), None, "released on the way out");

@@ -36,7 +36,8 @@ pub use leader::LeaseGrant;
 pub use ops::{ActionOutcome, OrderAction};
 pub use orders::{GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, IntakeOutcome, NewOrder, OrderRow};
 pub use sweep::{ExpiredTask, RetentionReport};
-/// The claim statement itself, so a test can EXPLAIN exactly what workers run.
+/// The claim and completion statements themselves, so a test can EXPLAIN exactly what
+/// workers run.
 #[doc(hidden)]
 pub use tasks::{APPLY as APPLY_SQL, CLAIM as CLAIM_SQL, CLAIM_RUN};
 pub use tasks::{Applied, ClaimedTask, TaskUpdate, UpdateFence};
