@@ -180,6 +180,16 @@ pub struct ApiArgs {
     /// Signs order callbacks (X-Tally-Signature), like webhook kinds' signing_secret.
     #[arg(long, env = "TALLY_CALLBACK_SIGNING_SECRET", hide_env_values = true)]
     pub callback_signing_secret: Option<String>,
+    /// How long the API trusts a looked-up API key (and a kind's settings) before reading it
+    /// again, seconds: a key revoked through another process stops working within this.
+    /// 0: read them on every request.
+    #[arg(long, env = "TALLY_API_KEY_CACHE_SEC", default_value = "5",
+          value_parser = bounded::<u32>("TALLY_API_KEY_CACHE_SEC", 0, 300))]
+    pub api_key_cache_sec: u32,
+    /// Most orders one intake statement takes (concurrent POST /api/orders share it).
+    #[arg(long, env = "TALLY_INTAKE_BATCH_MAX", default_value = "500",
+          value_parser = bounded::<u32>("TALLY_INTAKE_BATCH_MAX", 1, 5_000))]
+    pub intake_batch_max: u32,
 }
 
 fn socket_addr(
@@ -507,6 +517,8 @@ impl ServeArgs {
                 fault_injection_allowed: a.fault_injection_allowed,
                 callback_allowed_hosts: callback_hosts.clone(),
                 inline_fanout_max_tasks: a.inline_fanout_max_tasks,
+                cache_ttl: Duration::from_secs(u64::from(a.api_key_cache_sec)),
+                intake_batch_max: a.intake_batch_max as usize,
                 kind_defaults,
                 stuck_task_after: Duration::from_secs(300),
                 stuck_order_after: secs(self.sweeper.stuck_order_hours * 3600.0),

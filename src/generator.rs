@@ -79,6 +79,8 @@ impl Generator {
 
     pub async fn run(self, shutdown: Shutdown) {
         let mut listener: Option<PgListener> = None;
+        // Intake in this process wakes the generator without a database hop.
+        let mut local = self.store.local_order_wakeups();
         while !shutdown.is_triggered() {
             // Drain: keep going while passes find work.
             match self.run_once().await {
@@ -108,6 +110,7 @@ impl Generator {
             };
             tokio::select! {
                 healthy = wait => if !healthy { listener = None; },
+                _ = local.changed() => {}
                 _ = shutdown.wait() => break,
             }
         }

@@ -1698,3 +1698,54 @@ async fn a_kind_limits_its_concurrency_and_a_paused_kind_is_not_claimed() {
     pod.stop().await;
     api.stop().await;
 }
+
+#[tokio::test]
+async fn a_mutation_whose_audit_row_cannot_be_written_does_not_happen() {
+    let db = TestDb::new().await;
+    let api = Api::start(&db).await;
+    let id = api.create_order(&order(100, 10)).await;
+    // From now on every audit insert fails (as a full disk or a broken table would).
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'audit table unavailable'; END $$; \
+         CREATE TRIGGER refuse_audit BEFORE INSERT ON admin_audit \
+         FOR EACH ROW EXECUTE FUNCTION refuse_audit();",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let r = api.post("/api/admin/pause", ADMIN_KEY, None).await;
+    assert!(r.status >= 500, "{:?}", r.body);
+    let paused: bool = sqlx::query_scalar("SELECT paused FROM tally_control")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(!paused, "the pause was not applied");
+    let r = api
+        .post(&format!("/api/orders/{id}/cancel"), ADMIN_KEY, None)
+        .await;
+    assert!(r.status >= 500, "{:?}", r.body);
+    assert_eq!(
+        order_status(&db.store, id.parse().unwrap()).await,
+        "PROCESSING"
+    );
+    // Order intake audits in its own statement: it fails whole, nothing half-written.
+    let r = api.post("/api/orders", ADMIN_KEY, Some(&order(5, 5))).await;
+    assert!(r.status >= 500, "{:?}", r.body);
+    assert_eq!(api.order_count().await, 1);
+
+    // With the audit table back, the same call works and is on record with its outcome.
+    sqlx::raw_sql("DROP TRIGGER refuse_audit ON admin_audit")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let r = api.post("/api/admin/pause", ADMIN_KEY, None).await;
+    assert_eq!(r.status, 200);
+    let last: (String, i32) =
+        sqlx::query_as("SELECT action, status FROM admin_audit ORDER BY id DESC LIMIT 1")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(last, ("POST /api/admin/pause".to_owned(), 200));
+    api.stop().await;
+}

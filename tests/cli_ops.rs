@@ -614,3 +614,101 @@ async fn every_runbook_command_runs() {
     pod.stop().await;
     api.stop().await;
 }
+
+#[tokio::test]
+async fn order_import_creates_each_line_once_reports_failures_and_is_safe_to_rerun() {
+    let db = TestDb::new().await;
+    let api = Api::start(&db).await;
+    let dir = std::env::temp_dir().join(format!("tally-import-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("orders.jsonl");
+    let mut lines: Vec<String> = (0..2500)
+        .map(|i| format!(r#"{{"kind":"simulate","target":"t-{i}","quantity":1}}"#))
+        .collect();
+    lines.insert(
+        10,
+        r#"{"kind":"simulate","target":"t","quantity":0}"#.into(),
+    );
+    lines.insert(20, "{not json".into());
+    lines.insert(
+        30,
+        r#"{"idempotency_key":"own-key","kind":"simulate","target":"own","quantity":2}"#.into(),
+    );
+    lines.insert(40, String::new());
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let path = file.to_str().unwrap();
+
+    let out = tally(
+        &api,
+        ADMIN_KEY,
+        &["order", "import", path, "--batch-size", "700"],
+    )
+    .await;
+    assert_eq!(
+        out.code, 1,
+        "a failed line makes it exit 1: {}{}",
+        out.stdout, out.stderr
+    );
+    assert!(
+        out.stdout
+            .contains("2503 lines: 2501 created, 0 replayed, 2 failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("line 11: quantity:"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("line 21: line: is not valid JSON"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(api.order_count().await, 2501);
+    assert_eq!(
+        scalar_i64(
+            &db.store,
+            "SELECT count(*) FROM orders WHERE client_key = 'own-key'"
+        )
+        .await,
+        1
+    );
+
+    // Interrupted or not, running it again creates nothing new.
+    let again = tally(&api, ADMIN_KEY, &["order", "import", path, "--json"]).await;
+    assert_eq!(again.code, 1);
+    let v = again.json();
+    assert_eq!(
+        (
+            v["created"].as_u64(),
+            v["replayed"].as_u64(),
+            v["failed"].as_u64()
+        ),
+        (Some(0), Some(2501), Some(2))
+    );
+    assert_eq!(v["failures"][0]["line"], 11);
+    assert_eq!(v["failures"][0]["field"], "quantity");
+    assert_eq!(api.order_count().await, 2501);
+
+    // A clean file exits 0; a missing one is a usage error.
+    let clean = dir.join("clean.jsonl");
+    std::fs::write(&clean, r#"{"kind":"simulate","target":"c","quantity":1}"#).unwrap();
+    let ok = tally(
+        &api,
+        ADMIN_KEY,
+        &["order", "import", clean.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(ok.code, 0, "{}{}", ok.stdout, ok.stderr);
+    let missing = tally(
+        &api,
+        ADMIN_KEY,
+        &["order", "import", "/nonexistent/x.jsonl"],
+    )
+    .await;
+    assert_eq!(missing.code, 2);
+    assert!(
+        missing.stderr.contains("cannot read /nonexistent/x.jsonl"),
+        "{}",
+        missing.stderr
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    api.stop().await;
+}

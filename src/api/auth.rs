@@ -72,6 +72,12 @@ impl Caller {
 #[derive(Debug, Clone)]
 pub struct AuditDetail(pub serde_json::Value);
 
+/// Attached by a handler that saw to its own audit: its statement wrote the audit rows
+/// (intake), or it refused before anything reached the database (intake's 503s, which an
+/// audit write would only make worse). The middleware then writes none.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditHandled;
+
 /// Key secrets are `tly_` + 64 hex characters; any printable ASCII of 16 to 256 characters
 /// is accepted (a bootstrap key from a Secret need not follow the format).
 pub fn well_formed(key: &str) -> bool {
@@ -92,6 +98,10 @@ pub fn prefix_of(secret: &str) -> String {
     secret.chars().take(8).collect()
 }
 
+/// Mutating routes whose handlers write their own audit rows, in their own statement
+/// (intake: one commit per batch of requests, not two per request).
+const SELF_AUDITED: [&str; 2] = ["/api/orders", "/api/orders/batch"];
+
 /// Resolves `X-Api-Key` into a [`Caller`] and audits mutating calls.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let presented = req
@@ -107,29 +117,83 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     if !mutating {
         return next.run(req).await;
     }
-    let action = format!(
-        "{} {}",
-        req.method(),
-        req.extensions()
-            .get::<MatchedPath>()
-            .map_or(req.uri().path(), |m| m.as_str())
-    );
-    let target = req.uri().path().to_owned();
-    let resp = next.run(req).await;
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(req.uri().path(), |m| m.as_str())
+        .to_owned();
+    if *req.method() == Method::POST && SELF_AUDITED.contains(&route.as_str()) {
+        let target = req.uri().path().to_owned();
+        let resp = next.run(req).await;
+        if resp.extensions().get::<AuditHandled>().is_some() {
+            return resp;
+        }
+        // Refused before its statement (scope, validation): nothing changed, but the attempt
+        // is on record as before.
+        let audit = NewAudit {
+            key_id: Some(caller.key_id),
+            key_name: Some(caller.key_name.clone()),
+            action: format!("POST {route}"),
+            target: Some(target),
+            status: i32::from(resp.status().as_u16()),
+            detail: resp.extensions().get::<AuditDetail>().map(|d| d.0.clone()),
+        };
+        let store = state.store.clone();
+        match tokio::spawn(async move { store.write_audit(&audit).await }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "writing the admin audit row of a refused call failed")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "writing the admin audit row of a refused call failed")
+            }
+        }
+        return resp;
+    }
+    // The row is written before the call runs: a mutation whose audit row cannot be written
+    // does not happen. Its outcome is filled in afterwards (status 0 until then).
     let audit = NewAudit {
         key_id: Some(caller.key_id),
         key_name: Some(caller.key_name.clone()),
-        action,
-        target: Some(target),
-        status: i32::from(resp.status().as_u16()),
-        detail: resp.extensions().get::<AuditDetail>().map(|d| d.0.clone()),
+        action: format!("{} {route}", req.method()),
+        target: Some(req.uri().path().to_owned()),
+        status: 0,
+        detail: None,
     };
-    // Written before the response goes out; spawned so a disconnecting client cannot
-    // cancel it half-way.
     let store = state.store.clone();
-    let written = tokio::spawn(async move { store.write_audit(&audit).await }).await;
-    if !matches!(written, Ok(Ok(()))) {
-        tracing::error!("writing the admin audit row failed");
+    // Spawned so a disconnecting client cannot cancel the write half-way.
+    let begun = tokio::spawn(async move { super::bounded(store.begin_audit(&audit)).await }).await;
+    let audit_id = match begun {
+        Ok(Ok(id)) => id,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, action = %route, "writing the admin audit row failed; the call was refused");
+            return ApiError::from(e).into_response();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, action = %route, "writing the admin audit row failed; the call was refused");
+            return ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the audit trail cannot be written; nothing was done",
+            )
+            .into_response();
+        }
+    };
+    let resp = next.run(req).await;
+    let status = i32::from(resp.status().as_u16());
+    let detail = resp.extensions().get::<AuditDetail>().map(|d| d.0.clone());
+    let store = state.store.clone();
+    let finished =
+        tokio::spawn(async move { store.finish_audit(audit_id, status, detail.as_ref()).await })
+            .await;
+    match finished {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, audit.id = audit_id, "recording the outcome in the admin audit row failed (it stays at status 0)")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, audit.id = audit_id, "recording the outcome in the admin audit row failed (it stays at status 0)")
+        }
     }
     resp
 }
@@ -144,7 +208,10 @@ async fn resolve(state: &AppState, presented: Option<String>) -> ApiResult<Calle
         return Err(ApiError::unauthorized("the X-Api-Key header is malformed"));
     }
     let digest = sha256_hex(key.as_bytes());
-    let row = state.store.key_by_digest(&digest).await?;
+    if let Some(caller) = state.keys.get(&digest) {
+        return Ok(caller);
+    }
+    let row = super::bounded(state.store.key_by_digest(&digest)).await?;
     let Some(row) = row.filter(|r| constant_time_eq(r.digest.as_bytes(), digest.as_bytes())) else {
         return Err(ApiError::unauthorized("unknown API key"));
     };
@@ -153,9 +220,11 @@ async fn resolve(state: &AppState, presented: Option<String>) -> ApiResult<Calle
     }
     let scope = Scope::parse(&row.scope)
         .ok_or_else(|| ApiError::unauthorized("this API key has no valid scope"))?;
-    Ok(Caller {
+    let caller = Caller {
         key_id: row.id,
         key_name: row.name,
         scope,
-    })
+    };
+    state.keys.put(&digest, caller.clone());
+    Ok(caller)
 }

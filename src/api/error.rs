@@ -65,17 +65,7 @@ impl From<FieldError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::warn!(error = %e, "request failed in the store");
-        let unavailable = match &e {
-            StoreError::Timeout { .. } => true,
-            StoreError::Db { source, .. } => matches!(
-                source,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-            ),
-            StoreError::Invalid { .. } => false,
-        };
+        let unavailable = crate::intake::batcher::unavailable(&e);
         if unavailable {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -98,7 +88,13 @@ impl IntoResponse for ApiError {
         if let Some(f) = self.field {
             error["field"] = json!(f);
         }
-        (self.status, axum::Json(json!({ "error": error }))).into_response()
+        let mut resp = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 is worth retrying: say when.
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
@@ -146,7 +142,7 @@ fn json_rejection(rej: JsonRejection) -> ApiError {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
-                    "the body is larger than 64 KiB",
+                    "the body is too large (64 KiB at most; 2 MiB for /api/orders/batch)",
                 )
             } else {
                 ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
@@ -168,7 +164,7 @@ fn source_text(e: &dyn std::error::Error) -> String {
 
 /// serde_path_to_error-style messages from axum start with the path: "kind: invalid type…".
 /// Unknown and missing fields name it in backticks.
-fn field_from_serde(text: &str) -> Option<String> {
+pub(super) fn field_from_serde(text: &str) -> Option<String> {
     for marker in ["unknown field `", "missing field `"] {
         if let Some(rest) = text.split(marker).nth(1) {
             return rest.split('`').next().map(str::to_owned);

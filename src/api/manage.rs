@@ -66,6 +66,7 @@ pub async fn put_kind(
     check_name(&name)?;
     let row = spec.to_row(&name, &st.config.kind_defaults)?;
     let saved = st.store.put_kind(&row).await?;
+    st.kinds.forget(|k| k.name == name);
     let view = KindView::from(&saved);
     let mut resp = axum::Json(&view).into_response();
     resp.extensions_mut()
@@ -80,7 +81,9 @@ pub async fn delete_kind(
 ) -> ApiResult<Response> {
     caller.require(Scope::Admin)?;
     check_name(&name)?;
-    match st.store.delete_kind(&name).await? {
+    let deleted = st.store.delete_kind(&name).await?;
+    st.kinds.forget(|k| k.name == name);
+    match deleted {
         DeleteKind::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
         DeleteKind::NotFound => Err(ApiError::not_found(format!("no kind {name:?}"))),
         DeleteKind::InUse(n) => Err(ApiError::conflict(format!(
@@ -102,6 +105,7 @@ async fn set_kind_paused(
         .set_kind_paused(&name, paused)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no kind {name:?}")))?;
+    st.kinds.forget(|k| k.name == name);
     Ok(axum::Json(KindView::from(&k)))
 }
 
@@ -194,6 +198,8 @@ pub async fn revoke_key(
         .revoke_key(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no key {id}")))?;
+    // Refused here at once; other API processes within TALLY_API_KEY_CACHE_SEC.
+    st.keys.forget(|c| c.key_id == id);
     let mut resp = axum::Json(key_view(&row)).into_response();
     resp.extensions_mut()
         .insert(AuditDetail(json!({"key_id": id})));
@@ -219,6 +225,7 @@ pub async fn rotate_key(
         .ok_or_else(|| {
             ApiError::not_found(format!("no live key {id} (unknown or already revoked)"))
         })?;
+    st.keys.forget(|c| c.key_id == id);
     let mut resp = (
         StatusCode::CREATED,
         axum::Json(json!({"key": key_view(&row), "secret": secret})),

@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod auth;
+mod cache;
 pub mod error;
 mod manage;
 mod orders;
@@ -23,6 +24,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::intake::batcher::{Batcher, BatcherConfig};
 use crate::kinds::KindDefaults;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
@@ -46,6 +48,10 @@ pub struct ApiConfig {
     pub callback_allowed_hosts: Vec<String>,
     /// Orders of at most this many tasks are fanned out at intake (`TALLY_INLINE_FANOUT_MAX_TASKS`).
     pub inline_fanout_max_tasks: u32,
+    /// How long a looked-up API key and a kind's settings are trusted (`TALLY_API_KEY_CACHE_SEC`).
+    pub cache_ttl: Duration,
+    /// Most orders in one intake statement (`TALLY_INTAKE_BATCH_MAX`).
+    pub intake_batch_max: usize,
     /// Kinds created without a policy field get these.
     pub kind_defaults: KindDefaults,
     /// An EXECUTING task older than this counts as stuck in the health check.
@@ -62,6 +68,8 @@ impl Default for ApiConfig {
             fault_injection_allowed: false,
             callback_allowed_hosts: Vec::new(),
             inline_fanout_max_tasks: crate::intake::INLINE_FANOUT_MAX_TASKS,
+            cache_ttl: Duration::from_secs(5),
+            intake_batch_max: crate::intake::batcher::BatcherConfig::default().batch_max,
             kind_defaults: KindDefaults::default(),
             stuck_task_after: Duration::from_secs(300),
             stuck_order_after: Duration::from_secs(2 * 3600),
@@ -75,12 +83,44 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Concurrent intake requests share statements through it.
+    pub intake: Batcher,
+    /// API keys looked up in the last `cache_ttl`.
+    pub keys: Arc<cache::TtlCache<auth::Caller>>,
+    /// Kinds read in the last `cache_ttl` (intake reads a kind's defaults and allow-list).
+    pub kinds: Arc<cache::TtlCache<crate::store::KindRow>>,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: ApiConfig, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        let intake = Batcher::start(
+            store.clone(),
+            BatcherConfig {
+                batch_max: config.intake_batch_max.max(1),
+                ..BatcherConfig::default()
+            },
+            true,
+        );
+        let ttl = config.cache_ttl;
+        Self {
+            store,
+            config: Arc::new(config),
+            metrics,
+            intake,
+            keys: Arc::new(cache::TtlCache::new(ttl)),
+            kinds: Arc::new(cache::TtlCache::new(ttl)),
+        }
+    }
 }
 
 /// Every route.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/orders", post(orders::create).get(orders::list))
+        .route(
+            "/api/orders/batch",
+            post(orders::create_batch).layer(DefaultBodyLimit::max(orders::BATCH_BODY_LIMIT)),
+        )
         .route("/api/orders/{id}", get(orders::get_one))
         .route("/api/orders/{id}/progress", get(orders::progress))
         .route("/api/orders/{id}/cancel", post(orders::cancel))
@@ -193,11 +233,7 @@ pub async fn serve_with_metrics(
         });
     }
     tracing::info!(addr = %listener.local_addr()?, "API listening");
-    let app = router(AppState {
-        store,
-        config: Arc::new(config),
-        metrics,
-    });
+    let app = router(AppState::new(store, config, metrics));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await?;
@@ -227,6 +263,23 @@ async fn measure(
         .with_label_values(&[&route, &method, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// How long a request waits for a read it needs before anything else (its key, its kind):
+/// with the database out of reach, the API answers 503 within about this, not after the
+/// pool's whole deadline.
+pub const LOOKUP_DEADLINE: Duration = Duration::from_millis(1500);
+
+/// Bounds a store read by [`LOOKUP_DEADLINE`] (a read only: dropping it half-way is harmless).
+pub(crate) async fn bounded<T>(
+    read: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+) -> Result<T, crate::store::StoreError> {
+    tokio::time::timeout(LOOKUP_DEADLINE, read)
+        .await
+        .unwrap_or(Err(crate::store::StoreError::Timeout {
+            op: "reading what the request needs",
+            timeout: LOOKUP_DEADLINE,
+        }))
 }
 
 /// `/livez`: the process answers; never touches the database. Also served on the metrics port.

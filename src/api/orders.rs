@@ -12,11 +12,15 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
-use super::auth::{AuditDetail, Caller, Scope};
+use super::auth::{AuditDetail, AuditHandled, Caller, Scope};
 use super::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::domain::{OrderStatus, TaskStatus};
+use crate::intake::batcher::BatchError;
 use crate::intake::{IntakeDefaults, OrderRequest, host_allowed, parse_http_url, prepare};
-use crate::store::{ActionOutcome, IntakeOutcome, OrderAction, OrderRow, TaskRow};
+use crate::store::{
+    Accepted, ActionOutcome, IntakeAudit, IntakeItem, IntakeOutcome, NewOrder, OrderAction,
+    OrderRow, TaskRow,
+};
 
 /// An order as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,29 +169,162 @@ async fn create_in_span(
             .filter(|v| valid_traceparent(v))
             .map(str::to_owned)
     });
+    let order = check(&st, &req, key, trace.as_deref()).await?;
+    let item = IntakeItem {
+        order,
+        audit: Some(intake_audit(
+            &caller,
+            "/api/orders",
+            correlation_id(&headers, trace.as_deref()),
+        )),
+    };
+    let mut resp = match st
+        .intake
+        .submit(item)
+        .await
+        .map_err(batch_error)
+        .and_then(answer)
+    {
+        Ok((order, replayed)) => {
+            tracing::Span::current().record("order.id", tracing::field::display(order.id));
+            let id = order.id;
+            let mut resp = (StatusCode::CREATED, axum::Json(order)).into_response();
+            if replayed {
+                resp.headers_mut().insert(
+                    "idempotent-replayed",
+                    "true".parse().expect("static header"),
+                );
+            }
+            resp.headers_mut().insert(
+                "location",
+                format!("/api/orders/{id}")
+                    .parse()
+                    .expect("uuid is a valid header"),
+            );
+            resp
+        }
+        Err(e) => e.into_response(),
+    };
+    // The intake statement wrote this request's audit row (created, replayed or refused),
+    // or the statement failed and nothing was written.
+    resp.extensions_mut().insert(AuditHandled);
+    Ok(resp)
+}
+
+/// The API's view of one intake answer: the order and whether it was a replay, or the
+/// error the statement decided (a reused key, a kind deleted meanwhile).
+fn answer(a: Accepted) -> Result<(OrderView, bool), ApiError> {
+    let replayed = match a.outcome {
+        IntakeOutcome::Created(_) => false,
+        IntakeOutcome::Replayed(_) => true,
+        IntakeOutcome::Conflict(_) => {
+            return Err(ApiError {
+                field: Some("Idempotency-Key".into()),
+                ..ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was already used with a different request body; use a new key",
+                )
+            });
+        }
+        IntakeOutcome::UnknownKind => {
+            return Err(ApiError::invalid(
+                "kind",
+                "this kind does not exist (any more)",
+            ));
+        }
+    };
+    let order = a
+        .order
+        .ok_or_else(|| ApiError::not_found("the order vanished"))?;
+    Ok((OrderView::from(order), replayed))
+}
+
+/// A failed intake statement as the client sees it: 503 with Retry-After when the database
+/// is out of reach or intake is saturated (the request can be sent again; with its
+/// Idempotency-Key that is always safe), 500 only for a fault of ours.
+fn batch_error(e: BatchError) -> ApiError {
+    let unavailable = |msg: &str| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            msg.to_owned(),
+        )
+    };
+    match e {
+        BatchError::Overloaded => unavailable("intake is saturated; retry shortly"),
+        BatchError::Stopped => unavailable("intake is shutting down; retry on another replica"),
+        BatchError::Store(e) if crate::intake::batcher::unavailable(&e) => {
+            unavailable("the database is unavailable; retry shortly")
+        }
+        BatchError::Store(e) => {
+            tracing::error!(error = %e, "accepting an order failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            )
+        }
+    }
+}
+
+/// Who asks, for the audit row the intake statement writes.
+fn intake_audit(caller: &Caller, path: &str, correlation_id: Option<String>) -> IntakeAudit {
+    IntakeAudit {
+        key_id: caller.key_id,
+        key_name: caller.key_name.clone(),
+        action: format!("POST {path}"),
+        target: path.to_owned(),
+        correlation_id,
+    }
+}
+
+/// The caller's `X-Request-Id` (up to 200 printable characters), else the trace id.
+fn correlation_id(headers: &HeaderMap, traceparent: Option<&str>) -> Option<String> {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .or_else(|| traceparent.and_then(|t| t.get(3..35)).map(str::to_owned))
+}
+
+/// The kind of an order: read through the API's cache.
+async fn kind(st: &AppState, name: &str) -> ApiResult<crate::store::KindRow> {
+    if let Some(k) = st.kinds.get(name) {
+        return Ok(k);
+    }
+    if let Some(k) = super::bounded(st.store.get_kind(name)).await? {
+        st.kinds.put(name, k.clone());
+        return Ok(k);
+    }
+    let known: Vec<String> = st
+        .store
+        .list_kinds()
+        .await?
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    Err(ApiError::invalid(
+        "kind",
+        format!("unknown kind {:?}; known kinds: {}", name, known.join(", ")),
+    ))
+}
+
+/// Checks one order request against its kind and the API's settings, and plans it.
+async fn check(
+    st: &AppState,
+    req: &OrderRequest,
+    key: Option<&str>,
+    trace: Option<&str>,
+) -> ApiResult<NewOrder> {
     if !crate::kinds::valid_name(&req.kind) {
         return Err(ApiError::invalid(
             "kind",
             "must be 1-63 characters: a lower-case letter, then lower-case letters, digits, '_' or '-'",
         ));
     }
-    let Some(kind) = st.store.get_kind(&req.kind).await? else {
-        let known: Vec<String> = st
-            .store
-            .list_kinds()
-            .await?
-            .into_iter()
-            .map(|k| k.name)
-            .collect();
-        return Err(ApiError::invalid(
-            "kind",
-            format!(
-                "unknown kind {:?}; known kinds: {}",
-                req.kind,
-                known.join(", ")
-            ),
-        ));
-    };
+    let kind = kind(st, &req.kind).await?;
     // A webhook kind without a fixed URL posts to each order's target: the target must be
     // a URL on the kind's allow-list (no SSRF through order targets).
     if let Some(w) = kind
@@ -224,43 +361,167 @@ async fn create_in_span(
         max_attempts: kind.max_attempts.max(1) as u32,
         inline_fanout_max_tasks: st.config.inline_fanout_max_tasks,
     };
-    let order = prepare(&req, defaults, key, trace.as_deref())?;
-    let (id, replayed) = match st.store.create_order(&order).await? {
-        IntakeOutcome::Created(id) => (id, false),
-        IntakeOutcome::Replayed(id) => (id, true),
-        IntakeOutcome::Conflict(_) => {
-            return Err(ApiError {
-                field: Some("Idempotency-Key".into()),
-                ..ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was already used with a different request body; use a new key",
-                )
-            });
+    Ok(prepare(req, defaults, key, trace)?)
+}
+
+/// Most orders in one `POST /api/orders/batch`.
+pub const BATCH_ORDERS_MAX: usize = 1000;
+/// Body limit of `POST /api/orders/batch` (1,000 orders of up to about 2 KiB each).
+pub const BATCH_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Each an order as `POST /api/orders` takes it, plus an optional `idempotency_key`.
+    orders: Vec<serde_json::Value>,
+}
+
+/// One item's answer in a batch.
+#[derive(Debug, Serialize)]
+pub struct BatchItemResult {
+    pub index: usize,
+    /// The status `POST /api/orders` would have answered for this order alone.
+    pub status: u16,
+    /// `created`, `replayed` or `error`.
+    pub outcome: &'static str,
+    /// The order's id (created or replayed); `GET /api/orders/{id}` shows it whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchResponse {
+    pub created: usize,
+    pub replayed: usize,
+    pub failed: usize,
+    pub results: Vec<BatchItemResult>,
+}
+
+/// `POST /api/orders/batch`: up to [`BATCH_ORDERS_MAX`] orders in one call and one
+/// statement, each with its own idempotency key and its own result. An item that is
+/// invalid fails alone (its result names the item and the field); the call itself fails
+/// only when nothing could be written (503, safe to send again because of the keys).
+pub async fn create_batch(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Json(body): Json<BatchRequest>,
+) -> ApiResult<Response> {
+    caller.require(Scope::Operate)?;
+    if body.orders.is_empty() || body.orders.len() > BATCH_ORDERS_MAX {
+        return Err(ApiError::invalid(
+            "orders",
+            format!("must hold 1 to {BATCH_ORDERS_MAX} orders"),
+        ));
+    }
+    let trace = crate::telemetry::traceparent(&tracing::Span::current());
+    let correlation = correlation_id(&headers, trace.as_deref());
+    let mut results: Vec<Option<BatchItemResult>> = Vec::with_capacity(body.orders.len());
+    let mut items = Vec::with_capacity(body.orders.len());
+    let mut positions = Vec::with_capacity(body.orders.len());
+    for (index, raw) in body.orders.into_iter().enumerate() {
+        match batch_item(&st, raw, trace.as_deref()).await {
+            Ok(order) => {
+                positions.push(index);
+                items.push(IntakeItem {
+                    order,
+                    audit: Some(intake_audit(
+                        &caller,
+                        "/api/orders/batch",
+                        correlation.clone(),
+                    )),
+                });
+                results.push(None);
+            }
+            Err(e) => results.push(Some(item_error(index, e))),
+        }
+    }
+    let answers = crate::intake::batcher::accept(&st.store, &items, true).await;
+    // Nothing written at all because the database is out of reach: the call fails as a whole.
+    if !answers.is_empty()
+        && answers.iter().all(
+            |a| matches!(a, Err(BatchError::Store(e)) if crate::intake::batcher::unavailable(e)),
+        )
+    {
+        let mut resp = batch_error(
+            answers
+                .into_iter()
+                .next()
+                .and_then(Result::err)
+                .expect("an error"),
+        )
+        .into_response();
+        resp.extensions_mut().insert(AuditHandled);
+        return Ok(resp);
+    }
+    for (index, answer) in positions.into_iter().zip(answers) {
+        let r = match answer.map_err(batch_error).and_then(self::answer) {
+            Ok((order, replayed)) => BatchItemResult {
+                index,
+                status: 201,
+                outcome: if replayed { "replayed" } else { "created" },
+                id: Some(order.id),
+                error: None,
+            },
+            Err(e) => item_error(index, e),
+        };
+        results[index] = Some(r);
+    }
+    let results: Vec<BatchItemResult> = results.into_iter().flatten().collect();
+    let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
+    let body = BatchResponse {
+        created: count("created"),
+        replayed: count("replayed"),
+        failed: count("error"),
+        results,
+    };
+    let mut resp = axum::Json(body).into_response();
+    resp.extensions_mut().insert(AuditHandled);
+    Ok(resp)
+}
+
+/// Parses and checks one batch item: an order plus its `idempotency_key`.
+async fn batch_item(
+    st: &AppState,
+    mut raw: serde_json::Value,
+    trace: Option<&str>,
+) -> ApiResult<NewOrder> {
+    let key = match raw.as_object_mut().map(|o| o.remove("idempotency_key")) {
+        None => return Err(ApiError::invalid("order", "must be a JSON object")),
+        Some(None) | Some(Some(serde_json::Value::Null)) => None,
+        Some(Some(serde_json::Value::String(k))) => Some(k),
+        Some(Some(_)) => {
+            return Err(ApiError::invalid("idempotency_key", "must be a string"));
         }
     };
-    tracing::Span::current().record("order.id", tracing::field::display(id));
-    let row = st
-        .store
-        .get_order(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("the order vanished"))?;
-    let mut resp = (StatusCode::CREATED, axum::Json(OrderView::from(row))).into_response();
-    if replayed {
-        resp.headers_mut().insert(
-            "idempotent-replayed",
-            "true".parse().expect("static header"),
-        );
+    let req: OrderRequest = serde_json::from_value(raw).map_err(|e| {
+        let text = e.to_string();
+        let field = super::error::field_from_serde(&text).unwrap_or_else(|| "order".into());
+        ApiError::invalid(field, text)
+    })?;
+    check(st, &req, key.as_deref(), trace).await
+}
+
+fn item_error(index: usize, e: ApiError) -> BatchItemResult {
+    let mut error = json!({"code": e.code, "message": e.message});
+    if let Some(f) = e.field {
+        // A batch item carries its key as a field, not a header.
+        let f = if f == "Idempotency-Key" {
+            "idempotency_key".to_owned()
+        } else {
+            f
+        };
+        error["field"] = json!(f);
     }
-    resp.headers_mut().insert(
-        "location",
-        format!("/api/orders/{id}")
-            .parse()
-            .expect("uuid is a valid header"),
-    );
-    resp.extensions_mut()
-        .insert(AuditDetail(json!({"order_id": id, "replayed": replayed})));
-    Ok(resp)
+    BatchItemResult {
+        index,
+        status: e.status.as_u16(),
+        outcome: "error",
+        id: None,
+        error: Some(error),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,7 +17,7 @@ impl Store {
         })
         .await?;
         if !paused {
-            self.notify_tasks().await?;
+            self.wake_tasks();
         }
         Ok(())
     }
@@ -36,17 +36,6 @@ impl Store {
             .execute(self.pool())
             .await
             .map(|_| ())
-        })
-        .await
-    }
-
-    /// Wakes every listening worker.
-    pub async fn notify_tasks(&self) -> Result<(), StoreError> {
-        self.call("notifying workers", async {
-            sqlx::query("SELECT pg_notify('tally_tasks', '')")
-                .execute(self.pool())
-                .await
-                .map(|_| ())
         })
         .await
     }

@@ -189,6 +189,46 @@ impl Store {
         .await
     }
 
+    /// Writes the audit row of a call about to run, with status 0 ("under way"); returns its
+    /// id for [`Store::finish_audit`].
+    pub async fn begin_audit(&self, a: &NewAudit) -> Result<i64, StoreError> {
+        self.call("writing the admin audit", async {
+            sqlx::query_scalar(
+                "INSERT INTO admin_audit (key_id, key_name, action, target, status, detail) \
+                 VALUES ($1, $2, $3, $4, 0, $5) RETURNING id",
+            )
+            .bind(a.key_id)
+            .bind(&a.key_name)
+            .bind(&a.action)
+            .bind(&a.target)
+            .bind(&a.detail)
+            .fetch_one(self.pool())
+            .await
+        })
+        .await
+    }
+
+    /// Records how the call of audit row `id` ended.
+    pub async fn finish_audit(
+        &self,
+        id: i64,
+        status: i32,
+        detail: Option<&serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        self.call("completing the admin audit", async {
+            sqlx::query(
+                "UPDATE admin_audit SET status = $2, detail = coalesce($3, detail) WHERE id = $1",
+            )
+            .bind(id)
+            .bind(status)
+            .bind(detail)
+            .execute(self.pool())
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
     pub async fn write_audit(&self, a: &NewAudit) -> Result<(), StoreError> {
         self.call("writing the admin audit", async {
             sqlx::query(

@@ -109,7 +109,7 @@ impl Store {
             })
             .await?;
         if !paused {
-            self.notify_tasks().await?;
+            self.wake_tasks();
         }
         Ok(row)
     }

@@ -16,6 +16,7 @@ mod ops;
 mod orders;
 mod sweep;
 mod tasks;
+mod wake;
 mod workers;
 
 use std::future::Future;
@@ -34,13 +35,17 @@ pub use keys::{ApiKeyRow, AuditRow, NewAudit};
 pub use kinds::{DeleteKind, KindRow};
 pub use leader::LeaseGrant;
 pub use ops::{ActionOutcome, OrderAction};
-pub use orders::{GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, IntakeOutcome, NewOrder, OrderRow};
+pub use orders::{
+    Accepted, GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, INTAKE_TRIES, IntakeAudit, IntakeItem,
+    IntakeOutcome, NewOrder, OrderRow,
+};
 pub use sweep::{ExpiredTask, RetentionReport};
 /// The claim and completion statements themselves, so a test can EXPLAIN exactly what
 /// workers run.
 #[doc(hidden)]
 pub use tasks::{APPLY as APPLY_SQL, CLAIM as CLAIM_SQL, CLAIM_RUN};
 pub use tasks::{Applied, ClaimedTask, TaskUpdate, UpdateFence};
+pub use wake::WAKE_WINDOW;
 pub use workers::{WorkerCounters, WorkerRegistration};
 
 /// Channel that tells workers new tasks may be claimable.
@@ -67,6 +72,26 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The connection died under the statement (reset, closed, terminated by the server or
+    /// an operator): whether it committed is unknown, and a fresh connection may succeed.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            StoreError::Db { source, .. } => match source {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::WorkerCrashed => true,
+                // 08: connection exception; 57P01-57P03: admin or crash shutdown, cannot
+                // connect now (pg_terminate_backend answers 57P01).
+                sqlx::Error::Database(e) => e.code().is_some_and(|c| {
+                    c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// A deadlock or serialization failure: the statement can simply be run again.
     pub fn is_transient_conflict(&self) -> bool {
         match self {
@@ -110,6 +135,7 @@ impl StoreOptions {
 pub struct Store {
     pool: PgPool,
     call_timeout: Duration,
+    wakeups: wake::Wakeups,
 }
 
 impl Store {
@@ -156,6 +182,7 @@ impl Store {
         Ok(Self {
             pool,
             call_timeout: opts.call_timeout,
+            wakeups: wake::Wakeups::default(),
         })
     }
 

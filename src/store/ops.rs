@@ -122,9 +122,7 @@ impl Store {
                     ActionOutcome::Done { .. }
                 )
             ) {
-                let _ = sqlx::query("SELECT pg_notify('tally_tasks', '')")
-                    .execute(store.pool())
-                    .await;
+                store.wake_tasks();
             }
             Ok::<_, sqlx::Error>(outcome)
         };

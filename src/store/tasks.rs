@@ -149,6 +149,20 @@ CROSS JOIN LATERAL (SELECT target, trace_context FROM orders WHERE id = c.order_
 LEFT JOIN LATERAL (SELECT updated_at FROM kinds WHERE name = c.kind) k ON true
 "#;
 
+/// The tasks of one claim, by its token, with the columns `CLAIM` returns (through the
+/// small `order_tasks_executing_idx`).
+const CLAIMED_WITH: &str = r#"
+SELECT t.id, t.order_id, t.seq, t.kind, t.quantity, t.delivered, t.attempts, t.max_attempts,
+       t.claim_token, o.target, o.trace_context, k.updated_at AS kind_version,
+       greatest(extract(epoch FROM t.claimed_at - greatest(t.created_at, t.retry_after)), 0)::float8
+           AS pickup_secs,
+       NULL::float8 AS recovery_secs
+FROM order_tasks t
+JOIN orders o ON o.id = t.order_id
+LEFT JOIN kinds k ON k.name = t.kind
+WHERE t.claimed_by = $1 AND t.status = 'EXECUTING' AND t.claim_token = $2
+"#;
+
 /// Applies decided transitions of claimed tasks and rolls their unit deltas into the
 /// orders' counters, all in one statement (one round trip, one commit).
 ///
@@ -238,18 +252,15 @@ audit_orders AS (
     SELECT o.id, o.old_status, o.status, 'all_units_delivered', $13
     FROM ord o
     WHERE o.old_status <> o.status
-),
-wake AS (
-    -- Re-queued for immediate claim (hand-back, rescue): one NOTIFY per statement.
-    SELECT pg_notify('tally_tasks', '')
-    WHERE EXISTS (SELECT 1 FROM upd WHERE retry_in_secs = 0)
 )
 SELECT coalesce((SELECT array_agg(id) FROM upd), '{}') AS applied,
        coalesce((SELECT array_agg(id) FROM ord WHERE status = 'COMPLETED' AND old_status <> status),
                 '{}') AS completed_orders,
        coalesce((SELECT array_agg(age) FROM ord WHERE status = 'COMPLETED' AND old_status <> status),
                 '{}') AS completed_ages,
-       (SELECT count(*) FROM wake) AS woke
+       -- Re-queued for immediate claim (hand-back, rescue): the caller wakes workers after
+       -- the commit (`Store::wake_tasks`), never with a NOTIFY inside it.
+       (SELECT count(*) FROM upd WHERE retry_in_secs = 0) AS requeued
 "#;
 
 /// Result of [`Store::apply_task_updates`].
@@ -272,14 +283,50 @@ impl Store {
         kinds: &[String],
         lease: Duration,
     ) -> Result<Vec<ClaimedTask>, StoreError> {
-        self.call("claiming a task batch", async {
-            sqlx::query_as::<_, ClaimedTask>(CLAIM)
+        let token = Uuid::new_v4();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let claimed = self
+                .call("claiming a task batch", async {
+                    sqlx::query_as::<_, ClaimedTask>(CLAIM)
+                        .bind(worker_id)
+                        .bind(i64::from(limit))
+                        .bind(kinds)
+                        .bind(lease.as_secs_f64())
+                        .bind(worker_id.to_string())
+                        .bind(token)
+                        .fetch_all(self.pool())
+                        .await
+                })
+                .await;
+            match claimed {
+                Err(e) if e.is_connection_lost() && tries < 3 => {
+                    // The connection died under the claim, which may have committed: its
+                    // tasks carry this claim's token, so take them now instead of leaving
+                    // them to the sweeper's rescue a lease later. None: claim again.
+                    tracing::debug!(error = %e, "the claim lost its connection; looking for its tasks");
+                    match self.claimed_with(worker_id, token).await {
+                        Ok(found) if !found.is_empty() => return Ok(found),
+                        Ok(_) => {}
+                        Err(_) => return Err(e),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The tasks `worker_id` holds under claim `token` (a claim whose answer was lost).
+    async fn claimed_with(
+        &self,
+        worker_id: Uuid,
+        token: Uuid,
+    ) -> Result<Vec<ClaimedTask>, StoreError> {
+        self.call("finding a claim's tasks", async {
+            sqlx::query_as::<_, ClaimedTask>(CLAIMED_WITH)
                 .bind(worker_id)
-                .bind(i64::from(limit))
-                .bind(kinds)
-                .bind(lease.as_secs_f64())
-                .bind(worker_id.to_string())
-                .bind(Uuid::new_v4())
+                .bind(token)
                 .fetch_all(self.pool())
                 .await
         })
@@ -351,7 +398,10 @@ impl Store {
                 })
                 .await;
             match res {
-                Ok((task_ids, completed_orders, completed_ages, _)) => {
+                Ok((task_ids, completed_orders, completed_ages, requeued)) => {
+                    if requeued > 0 {
+                        self.wake_tasks();
+                    }
                     return Ok(Applied {
                         task_ids,
                         completed_orders,

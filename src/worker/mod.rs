@@ -146,6 +146,12 @@ impl Worker {
         let listener = cfg
             .listen
             .then(|| tokio::spawn(listen(self.store.clone(), wake.clone(), shutdown.clone())));
+        // Commits of this process (intake, hand-backs) wake it without a database hop.
+        let local = tokio::spawn(forward_local(
+            self.store.local_task_wakeups(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
         let completer = tokio::spawn(completer::run(
             self.store.clone(),
             rx,
@@ -285,6 +291,7 @@ impl Worker {
         if let Some(l) = listener {
             l.abort();
         }
+        local.abort();
         refresher.abort();
         drop(hard_stop_trigger);
         tracing::info!(worker.id = %self.id, claimed = report.claimed, handed_back = report.handed_back, "worker stopped");
@@ -301,6 +308,23 @@ async fn refresh(store: Store, catalog: Arc<Catalog>, shutdown: Shutdown) {
         }
         if let Err(e) = catalog.refresh(&store).await {
             tracing::debug!(error = %e, "reloading kinds failed; keeping the last catalog");
+        }
+    }
+}
+
+/// Forwards this process's own wake-ups (`Store::wake_tasks`) to `wake`.
+pub(crate) async fn forward_local(
+    mut local: tokio::sync::watch::Receiver<u64>,
+    wake: Arc<Notify>,
+    shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            changed = local.changed() => match changed {
+                Ok(()) => wake.notify_one(),
+                Err(_) => return,
+            },
+            _ = shutdown.wait() => return,
         }
     }
 }

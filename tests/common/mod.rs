@@ -546,3 +546,57 @@ pub async fn assert_no_live_workers(store: &Store) {
         0
     );
 }
+
+/// A TCP proxy in front of the test PostgreSQL that can cut every connection and refuse
+/// new ones, as a network partition or a stopped server does.
+pub struct CutProxy {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// Listens on a free port and forwards to the server of `url`.
+    pub async fn start(url: &str) -> CutProxy {
+        let opts: sqlx::postgres::PgConnectOptions = url.parse().expect("a database URL");
+        let upstream = format!("{}:{}", opts.get_host(), opts.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let upstream = upstream.clone();
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        CutProxy { port, cut, task }
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url(&self, url: &str) -> String {
+        let opts: sqlx::postgres::PgConnectOptions = url.parse().expect("a database URL");
+        url.replacen(
+            &format!("{}:{}", opts.get_host(), opts.get_port()),
+            &format!("127.0.0.1:{}", self.port),
+            1,
+        )
+    }
+
+    /// Drops every proxied connection and stops accepting: connects are refused from now on.
+    pub fn cut(&self) {
+        self.task.abort();
+        let _ = self.cut.send(true);
+    }
+}

@@ -1,7 +1,10 @@
 //! Order intake: validate a request field by field, plan its chunks, and hand the store a
 //! `NewOrder` (which the schema checks once more).
 
+pub mod batcher;
+
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::domain::{ChunkPlan, PlanError};
 use crate::store::{IntakeOutcome, NewOrder, Store, StoreError};
@@ -129,6 +132,7 @@ pub fn prepare(
         ));
     }
     Ok(NewOrder {
+        id: Uuid::now_v7(),
         kind: req.kind.clone(),
         target: req.target.clone(),
         quantity: req.quantity as i64,

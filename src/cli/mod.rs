@@ -6,6 +6,8 @@
 //! · 2 usage error · 3 the API refused the request (bad input, not found, conflict)
 //! · 4 the key is missing, wrong or lacks the scope · 5 the API is unreachable or failing.
 
+mod import;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -86,6 +88,17 @@ pub enum OrderCmd {
     /// Accept what was delivered: the order becomes PARTIAL, the shortfall is recorded.
     ForceComplete {
         id: String,
+    },
+    /// Create many orders from a JSON-lines file (`-`: standard input), up to 1,000 per call
+    /// of POST /api/orders/batch. Each line is an order as `order create` sends it, with an
+    /// optional "idempotency_key"; a line without one gets a key derived from its text and
+    /// line number, so running the import again after an interruption creates nothing twice.
+    /// Exits 1 if any line failed.
+    Import {
+        file: String,
+        /// Orders per call (1 to 1000).
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
     },
 }
 
@@ -624,6 +637,9 @@ async fn order(c: &Client, cmd: OrderCmd, json_out: bool) -> CliResult<u8> {
                 );
                 println!("watch it: tally order progress {} --watch", s(&v["id"]));
             }
+        }
+        OrderCmd::Import { file, batch_size } => {
+            return import::run(c, &file, batch_size, json_out).await;
         }
         OrderCmd::Get { id } => {
             show_order(&c.get(&format!("/api/orders/{}", id_path(&id)?)).await?)
