@@ -97,7 +97,7 @@ tally_cell() { # rep
   done
   local before after wrk_out
   before=$(psql -qtA "$url" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-  wrk_out=$(wrk -t 2 -c "$CLIENTS" -d "${SECS}s" --latency -s "$OUT/post.lua" "http://$API" 2>&1)
+  wrk_out=$(wrk -t "$(( CLIENTS < 2 ? 1 : 2 ))" -c "$CLIENTS" -d "${SECS}s" --latency -s "$OUT/post.lua" "http://$API" 2>&1)
   echo "$wrk_out" >"$OUT/wrk-$1.txt"
   sleep 2
   after=$(psql -qtA "$url" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")

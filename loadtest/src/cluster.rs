@@ -98,7 +98,15 @@ impl Cluster {
                 let pg = tokio::task::spawn_blocking(|| {
                     TempCluster::start(ClusterOptions {
                         durable: true,
-                        extra_settings: vec![("max_connections".into(), "300".into())],
+                        extra_settings: vec![
+                            ("max_connections".into(), "300".into()),
+                            // Statements per order (small-orders); the harness's own
+                            // sessions switch tracking off.
+                            (
+                                "shared_preload_libraries".into(),
+                                "pg_stat_statements".into(),
+                            ),
+                        ],
                         ..ClusterOptions::default()
                     })
                 })

@@ -14,6 +14,7 @@ mod cluster;
 mod proxy;
 mod report;
 mod sink;
+mod small;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -52,6 +53,10 @@ pub enum Scenario {
     NetCut,
     /// Steady for a long duration, sampling dead tuples, table sizes and pickup latency.
     Soak,
+    /// Single-unit orders over HTTP at `--rate` from `--clients` requests in flight, with an
+    /// optional pinned xmin (`--pin-xmin`), killed backends (`--kill-backends-per-sec`) and
+    /// bulk intake (`--batch-intake`); per-window figures and the cost of one order.
+    SmallOrders,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -84,6 +89,24 @@ pub struct RunArgs {
     /// Longest wait for every order to finish after the load stops, seconds.
     #[arg(long, default_value = "180")]
     pub drain_timeout_sec: f64,
+    /// small-orders: most requests in flight (keep-alive clients).
+    #[arg(long, default_value = "64")]
+    pub clients: usize,
+    /// small-orders: hold a transaction with an xid open this many seconds (0: no pin).
+    #[arg(long, default_value = "0")]
+    pub pin_xmin: f64,
+    /// small-orders: when the pin starts, seconds after the load does.
+    #[arg(long, default_value = "10")]
+    pub pin_at_sec: f64,
+    /// small-orders: terminate this many of Tally's database connections a second.
+    #[arg(long, default_value = "0")]
+    pub kill_backends_per_sec: f64,
+    /// small-orders: send each 5 ms of orders as one POST /api/orders/batch.
+    #[arg(long)]
+    pub batch_intake: bool,
+    /// small-orders: the report's window, seconds.
+    #[arg(long, default_value = "5")]
+    pub window_sec: f64,
 }
 
 /// One submitted order as the client saw it.
@@ -93,6 +116,8 @@ pub struct Submitted {
     pub quantity: i64,
     /// When the POST that created it started (a retried POST: the first one).
     pub submitted_at: Instant,
+    /// How long that POST took, milliseconds.
+    pub post_ms: f64,
 }
 
 /// A fault and when it happened (database clock for recovery times).
@@ -199,11 +224,50 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     for _ in proxy.iter().len()..args.workers {
         c.spawn(Role::Worker, None)?;
     }
+    // The harness's own statements are not Tally's cost: they are not tracked.
+    let harness = c
+        .url
+        .parse::<sqlx::postgres::PgConnectOptions>()?
+        .application_name("loadtest")
+        .options([("pg_stat_statements.track", "none")]);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
-        .connect(&c.url)
+        .connect_with(harness)
         .await?;
+    let small_orders = args.scenario == Scenario::SmallOrders;
+    if small_orders {
+        // Only where the server preloads it (the throwaway cluster does).
+        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&pool)
+            .await;
+    }
+    let before = small::counters(&pool).await?;
+    let intake_errors = Arc::new(small::IntakeErrors::default());
     let started = Instant::now();
+    let queue_samples = Arc::new(Mutex::new(Vec::<small::QueueSample>::new()));
+    let queue_sampler = small_orders.then(|| {
+        tokio::spawn(small::sample_queue(
+            pool.clone(),
+            started,
+            Duration::from_secs_f64((args.window_sec / 2.0).max(0.5)),
+            queue_samples.clone(),
+        ))
+    });
+    let pin = (small_orders && args.pin_xmin > 0.0).then(|| {
+        tokio::spawn(small::pin_xmin(
+            c.url.clone(),
+            started,
+            Duration::from_secs_f64(args.pin_at_sec),
+            Duration::from_secs_f64(args.pin_xmin),
+        ))
+    });
+    let killer = (small_orders && args.kill_backends_per_sec > 0.0).then(|| {
+        tokio::spawn(small::kill_backends(
+            pool.clone(),
+            args.kill_backends_per_sec,
+            started + Duration::from_secs_f64(args.duration_sec),
+        ))
+    });
     let submitted = Arc::new(Mutex::new(Vec::<Submitted>::new()));
     let conn_max = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let sampler = {
@@ -229,6 +293,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         c.api_url.clone(),
         c.api_key.clone(),
         submitted.clone(),
+        intake_errors.clone(),
     ));
     let status_samples = Arc::new(Mutex::new(Vec::<f64>::new()));
     let status = tokio::spawn(watch_status(
@@ -269,8 +334,21 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     )
     .await;
     let total_secs = started.elapsed().as_secs_f64();
-    // Every sweeper audit has run once more before the verdict.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let backends_killed = match killer {
+        Some(k) => k.await.unwrap_or(0),
+        None => 0,
+    };
+    let pinned = match pin {
+        Some(p) => Some(p.await??),
+        None => None,
+    };
+    // Every sweeper audit has run once more before the verdict (and, for the cost figures,
+    // every backend has published its counters: idle ones do so within 10 s).
+    tokio::time::sleep(Duration::from_secs(if small_orders { 11 } else { 2 })).await;
+    let after = small::counters(&pool).await?;
+    if let Some(q) = queue_sampler {
+        q.abort();
+    }
     let invariants = client
         .get(format!("{}/api/admin/invariants/all", c.api_url))
         .header("x-api-key", &c.api_key)
@@ -302,6 +380,22 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         claims,
     })
     .await?;
+    let mut r = r;
+    if small_orders {
+        let samples = std::mem::take(&mut *queue_samples.lock().unwrap());
+        r.small = Some(small::report(
+            &args,
+            &orders,
+            &sink.snapshot(),
+            started,
+            &samples,
+            before,
+            after,
+            &intake_errors,
+            backends_killed,
+            pinned,
+        ));
+    }
     c.stop().await;
     pool.close().await;
     if let Some(pg) = c.pg.take() {
@@ -325,6 +419,7 @@ async fn drive_load(
     api: String,
     key: String,
     submitted: Arc<Mutex<Vec<Submitted>>>,
+    errors: Arc<small::IntakeErrors>,
 ) -> anyhow::Result<()> {
     let submit = |quantity: i64, chunk: Option<i64>| {
         let (client, api, key, submitted) =
@@ -353,6 +448,7 @@ async fn drive_load(
                             id,
                             quantity,
                             submitted_at,
+                            post_ms: submitted_at.elapsed().as_secs_f64() * 1000.0,
                         });
                         return anyhow::Ok(());
                     }
@@ -367,6 +463,9 @@ async fn drive_load(
     };
     let end = Instant::now() + Duration::from_secs_f64(args.duration_sec);
     match args.scenario {
+        Scenario::SmallOrders => {
+            small::drive(&args, client, api, key, submitted, errors).await?;
+        }
         Scenario::Burst => {
             let mut set = tokio::task::JoinSet::new();
             for i in 0..1000 {
@@ -565,7 +664,11 @@ async fn drive_faults(
             tokio::time::sleep(cut).await;
             proxy.set_cut(false);
         }
-        Scenario::Steady | Scenario::Giant | Scenario::Burst | Scenario::Soak => {}
+        Scenario::Steady
+        | Scenario::Giant
+        | Scenario::Burst
+        | Scenario::Soak
+        | Scenario::SmallOrders => {}
     }
     let left = end.saturating_duration_since(Instant::now());
     tokio::time::sleep(left).await;

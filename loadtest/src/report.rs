@@ -94,6 +94,9 @@ pub struct Report {
     /// Seconds of load, and from the start until every order finished.
     pub load_secs: f64,
     pub total_secs: f64,
+    /// The small-orders scenario's figures (windows, cost per order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub small: Option<crate::small::SmallReport>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -365,6 +368,7 @@ pub async fn build(i: Inputs<'_>) -> anyhow::Result<Report> {
         claim_p99_timeline,
         load_secs: i.load_secs,
         total_secs: i.total_secs,
+        small: None,
     })
 }
 
@@ -513,6 +517,9 @@ pub fn markdown(r: &Report) -> String {
             k.target,
             if k.met { "yes" } else { "no" }
         ));
+    }
+    if let Some(small) = &r.small {
+        s.push_str(&crate::small::markdown(small));
     }
     s
 }
