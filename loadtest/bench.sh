@@ -16,8 +16,12 @@
 #              concurrency 10 until drained, then 50 idle pickups)
 #   raw-sql    `probe.sh lifecycle`, batch 1000, 1/2/4 clients (claim with SKIP LOCKED, mark
 #              done: two commits per batch, nothing else)
+#   tally-intake  `loadtest/intake-bench.sh`: single-unit orders over HTTP, one per request
+#              from 64 keep-alive clients (wrk) against `tally serve` with every role, next to
+#              pgbench's single-row-commit ceiling on the same cluster; then the same through
+#              POST /api/orders/batch (1,000 orders a call, 4 clients)
 #
-# Knobs: REPS (3), TALLY_TASKS (1000000), TALLY_WORKERS (2), TALLY_PICKUPS (300), CEILING_ROWS (3000000),
+# Knobs: REPS (3), TALLY_ITEMS ("tally tally-intake"), TALLY_TASKS (1000000), TALLY_WORKERS (2), TALLY_PICKUPS (300), CEILING_ROWS (3000000),
 # PEERS (below), OUTDIR (loadtest/out/bench),
 # SHARED_BENCH (../shared/bench), SKIP_BUILD=1 to use the existing target/release/tally.
 set -euo pipefail
@@ -28,7 +32,8 @@ TALLY_TASKS=${TALLY_TASKS:-1000000}
 TALLY_WORKERS=${TALLY_WORKERS:-2}
 TALLY_PICKUPS=${TALLY_PICKUPS:-300}
 CEILING_ROWS=${CEILING_ROWS:-3000000}
-PEERS=${PEERS:-"graphile-worker-batched:200000 graphile-worker:50000 pg-boss:100000 pgqueuer:50000"}
+PEERS=${PEERS:-"graphile-worker-batched:200000 graphile-worker:50000 pg-boss:100000 pgqueuer:50000 awa:50000"}
+TALLY_ITEMS=${TALLY_ITEMS:-"tally tally-intake"}
 OUT=${OUTDIR:-loadtest/out/bench}
 [ -x "$SHARED/pg.sh" ] || { echo "bench.sh: the shared harness is not at $SHARED (set SHARED_BENCH)" >&2; exit 1; }
 mkdir -p "$OUT"
@@ -36,6 +41,7 @@ mkdir -p "$OUT"
 [ "${SKIP_BUILD:-}" = 1 ] || cargo build --release --locked -p tally >&2
 bash "$SHARED/install-peers.sh" node >&2
 bash "$SHARED/install-peers.sh" py >&2
+case " $PEERS " in *" awa:"*) bash "$SHARED/install-peers.sh" awa >&2 ;; esac
 
 export BENCH_PGDIR=${BENCH_PGDIR:-/tmp/tally-sbs-pg}
 "$SHARED/pg.sh" stop >/dev/null 2>&1 || true
@@ -78,7 +84,19 @@ run_ceiling() {
   rm -rf "$tmp"
 }
 
-read -r -a items <<<"tally $PEERS raw-sql"
+run_intake() { # rep: the intake cells on their own cluster (the script starts and stops one)
+  local tmp; tmp=$(mktemp -d)
+  BENCH_PGDIR=/tmp/tally-sbs-intake-pg OUTDIR="$tmp/one" REPS=1 bash loadtest/intake-bench.sh >/dev/null
+  BENCH_PGDIR=/tmp/tally-sbs-intake-pg OUTDIR="$tmp/batch" REPS=1 CLIENTS=4 BATCH=1000 bash loadtest/intake-bench.sh >/dev/null
+  cat "$tmp/one/intake.jsonl" "$tmp/batch/intake.jsonl" \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    o = json.loads(l); o["system"] = "tally-intake" if o["system"] == "tally" else "intake-ceiling"; print(json.dumps(o))' \
+    | record "{\"rep\": $1}"
+  rm -rf "$tmp"
+}
+
+read -r -a items <<<"$TALLY_ITEMS $PEERS raw-sql"
 for rep in $(seq 1 "$REPS"); do
   k=${#items[@]}
   for ((i = 0; i < k; i++)); do
@@ -86,6 +104,7 @@ for rep in $(seq 1 "$REPS"); do
     echo "== round $rep: $item ($(date -u +%T), load1 $(load1))" >&2
     case $item in
       tally) run_tally "$rep" ;;
+      tally-intake) run_intake "$rep" ;;
       raw-sql) run_ceiling "$rep" ;;
       *) run_peer "${item%%:*}" "${item##*:}" "$rep" ;;
     esac

@@ -19,6 +19,9 @@ work = defaultdict(dict)
 p50 = defaultdict(dict)
 p99 = defaultdict(dict)
 jobs = {}
+intake = defaultdict(dict)    # orders (or commits) per second
+intake_p = defaultdict(dict)  # (POST p50, p99) ms
+enqueue = defaultdict(dict)   # peers' bulk enqueue, jobs/s
 peer_names = []
 emptied = set()  # ceiling cells that ran out of rows before their time was up
 for o in rows:
@@ -38,8 +41,16 @@ for o in rows:
         jobs[name] = o.get("completed")
         if o.get("pending_left") == 0:
             emptied.add(name)
+    elif o.get("system") == "tally-intake":
+        name = ("tally: POST /api/orders/batch, 1,000 a call, 4 clients" if o.get("batch")
+                else f"tally: POST /api/orders, one order a request, {o['clients']} clients")
+        intake[name][r] = o["orders_per_s"]
+        intake_p[name][r] = (o.get("post_p50_ms"), o.get("post_p99_ms"))
+    elif o.get("system") == "intake-ceiling":
+        intake["pgbench: one single-row INSERT per commit, 8 clients"].setdefault(r, o["commits_per_s"])
     else:
         name = f"{o['system']} {o.get('version', '')}".strip()
+        enqueue[name][r] = o.get("enqueue_per_s")
         if name not in peer_names:
             peer_names.append(name)
         work[name][r] = o["work_per_s"]
@@ -116,3 +127,37 @@ for label, f, target, ok in targets:
         continue
     m = statistics.median(v)
     print(f"| {label} | {m:.2f} | {', '.join(f'{x:.2f}' for x in v)} | {target} | {'yes' if ok(m) else '**no**'} |")
+
+
+if intake:
+    print("\n**Intake.** Single-unit orders accepted over HTTP (tally serve, every role), the same "
+          "cluster's single-row-commit ceiling, and the peers' bulk enqueue (in-process, 1,000 "
+          "jobs a call; awa: one COPY per call) for scale.\n")
+    print("| intake | per second | POST p50 / p99 ms |")
+    print("|---|---|---|")
+    for n in intake:
+        ps = intake_p.get(n, {})
+        pp = " / ".join(f"{statistics.median([v[i] for v in ps.values() if v[i] is not None]):.1f}"
+                        for i in (0, 1)) if ps else ""
+        print(f"| {n} | {med(intake[n])} | {pp} |")
+    for n in peer_names:
+        if enqueue.get(n):
+            print(f"| {n}: bulk enqueue | {med(enqueue[n])} | |")
+    one = next((n for n in intake if n.startswith("tally: POST /api/orders,")), None)
+    bulk = next((n for n in intake if n.startswith("tally: POST /api/orders/batch")), None)
+    ceil = "pgbench: one single-row INSERT per commit, 8 clients"
+    checks = [
+        ("one order a request, orders/s", lambda r: intake[one][r], "≥ 5,000", lambda x: x >= 5000),
+        ("one order a request ÷ single-row-commit ceiling", lambda r: intake[one][r] / intake[ceil][r], "≥ 0.30", lambda x: x >= 0.3),
+        ("bulk endpoint, orders/s", lambda r: intake[bulk][r], "≥ 50,000", lambda x: x >= 50000),
+    ]
+    print("\n| intake target | median | per round | target | met |")
+    print("|---|---|---|---|---|")
+    for label, f, target, ok in checks:
+        v = per_round(f)
+        if not v:
+            print(f"| {label} | — | — | {target} | not measured |")
+            continue
+        m = statistics.median(v)
+        fmt = (lambda x: f"{x:,.0f}") if m >= 100 else (lambda x: f"{x:.2f}")
+        print(f"| {label} | {fmt(m)} | {', '.join(fmt(x) for x in v)} | {target} | {'yes' if ok(m) else '**no**'} |")

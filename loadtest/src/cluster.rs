@@ -91,22 +91,25 @@ impl Cluster {
         bin: PathBuf,
         out: &Path,
         env: Vec<(String, String)>,
+        pg_settings: Vec<(String, String)>,
     ) -> anyhow::Result<Cluster> {
         let (pg, url) = match url {
             Some(u) => (None, u),
             None => {
-                let pg = tokio::task::spawn_blocking(|| {
+                let mut extra_settings = vec![
+                    ("max_connections".into(), "300".into()),
+                    // Statements per order (small-orders); the harness's own sessions switch
+                    // tracking off.
+                    (
+                        "shared_preload_libraries".into(),
+                        "pg_stat_statements".into(),
+                    ),
+                ];
+                extra_settings.extend(pg_settings);
+                let pg = tokio::task::spawn_blocking(move || {
                     TempCluster::start(ClusterOptions {
                         durable: true,
-                        extra_settings: vec![
-                            ("max_connections".into(), "300".into()),
-                            // Statements per order (small-orders); the harness's own
-                            // sessions switch tracking off.
-                            (
-                                "shared_preload_libraries".into(),
-                                "pg_stat_statements".into(),
-                            ),
-                        ],
+                        extra_settings,
                         ..ClusterOptions::default()
                     })
                 })

@@ -107,6 +107,10 @@ pub struct RunArgs {
     /// small-orders: the report's window, seconds.
     #[arg(long, default_value = "5")]
     pub window_sec: f64,
+    /// A setting for the throwaway PostgreSQL, NAME=VALUE (repeatable), e.g.
+    /// `--pg-setting autovacuum_naptime=5s`.
+    #[arg(long)]
+    pub pg_setting: Vec<String>,
 }
 
 /// One submitted order as the client saw it.
@@ -204,7 +208,16 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     )?;
     let env = vec![("TALLY_KINDS_FILE".to_owned(), kinds.display().to_string())];
     eprintln!("loadtest: {:?} for {} s", args.scenario, args.duration_sec);
-    let mut c = Cluster::start(args.database_url.clone(), bin, &out, env).await?;
+    let pg_settings = args
+        .pg_setting
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("--pg-setting {kv:?}: expected NAME=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut c = Cluster::start(args.database_url.clone(), bin, &out, env, pg_settings).await?;
     let client = tally::http::client();
     c.spawn(Role::Api, None)?;
     c.wait_ready(&client).await?;

@@ -224,7 +224,8 @@ pub async fn pin_xmin(
 }
 
 /// Terminates one of Tally's database connections `per_sec` times a second until `until`
-/// (what a failover proxy, an idle-session killer or an operator does). Returns how many.
+/// (what a failover proxy, an idle-session killer or an operator does), one running a
+/// statement when there is one. Returns how many.
 pub async fn kill_backends(pool: sqlx::PgPool, per_sec: f64, until: Instant) -> u64 {
     let every = Duration::from_secs_f64(1.0 / per_sec.max(0.01));
     let mut killed = 0;
@@ -233,7 +234,7 @@ pub async fn kill_backends(pool: sqlx::PgPool, per_sec: f64, until: Instant) -> 
         let done: Result<Option<bool>, _> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = current_database() AND application_name LIKE 'tally%' \
-             ORDER BY random() LIMIT 1",
+             ORDER BY state = 'active' DESC, random() LIMIT 1",
         )
         .fetch_optional(&pool)
         .await;
@@ -488,7 +489,16 @@ pub fn report(
         rate: args.rate,
         clients: args.clients,
         batch_intake: args.batch_intake,
-        accepted_per_sec: orders.len() as f64 / args.duration_sec.max(0.001),
+        // Answered 201 while the load ran (orders still queued for a client at the end are
+        // accepted later and do not count).
+        accepted_per_sec: orders
+            .iter()
+            .filter(|o| {
+                o.submitted_at.duration_since(started).as_secs_f64() + o.post_ms / 1000.0
+                    <= args.duration_sec
+            })
+            .count() as f64
+            / args.duration_sec.max(0.001),
         post_p50_ms: pct(posts.clone(), 50.0),
         post_p99_ms: pct(posts, 99.0),
         intake_500: errors.status_500.load(Ordering::Relaxed),
