@@ -454,3 +454,72 @@ async fn workers_ride_out_a_postgres_restart_without_restarting() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_claim_whose_connection_is_killed_still_hands_out_each_task_once() {
+    use sqlx::Connection;
+    let db = TestDb::new().await;
+    let order = OrderSpec::units(1000, 10).generated(&db.store).await;
+    // Hold the kinds table so the claim statement waits where we can see it.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE kinds IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let worker = Uuid::new_v4();
+    let store = db.store.clone();
+    let claim = tokio::spawn(async move {
+        store
+            .claim_tasks(worker, 10, &["test".into()], Duration::from_secs(30))
+            .await
+    });
+    let waiting = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%picked AS MATERIALIZED%'",
+        )
+        .fetch_optional(db.pool())
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(pid) = waiting().await {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the claim never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(killed);
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    // The store looks for the killed claim's tasks by its token (none: it never committed)
+    // and claims again on a fresh connection: the caller gets tasks, not an error.
+    let got = claim
+        .await
+        .unwrap()
+        .expect("the claim is run again, not failed");
+    assert_eq!(got.len(), 10);
+    let claimed = scalar_i64(
+        &db.store,
+        "SELECT count(*) FROM order_task_transitions WHERE transition_reason = 'claimed'",
+    )
+    .await;
+    assert_eq!(claimed, 10, "each task claimed once");
+    let executing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_tasks WHERE order_id = $1 AND status = 'EXECUTING'",
+    )
+    .bind(order)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(executing, 10);
+}
