@@ -102,46 +102,64 @@ fn body(key: &str) -> serde_json::Value {
 }
 
 impl Ctx {
-    /// One order per request; 5xx answers are retried with the same key (as a client should).
-    async fn one(self, key: String) {
-        let payload = serde_json::to_vec(&body(&key)).expect("json");
+    /// POSTs `payload` to `path` (through a client slot) until `accept` takes the answer,
+    /// retrying anything else with the same body (and so the same keys), as a client should.
+    /// `accept` gets the JSON answer, when the POST started and how long it took.
+    async fn post_until(
+        &self,
+        path: &str,
+        idempotency_key: Option<&str>,
+        payload: Vec<u8>,
+        ok_status: u16,
+        orders: u64,
+        accept: impl Fn(&serde_json::Value, Instant, f64) -> bool,
+    ) {
         for attempt in 0..30u64 {
             let permit = self.clients.acquire().await.expect("open semaphore");
             let t0 = Instant::now();
-            let sent = self
+            let mut req = self
                 .client
-                .post(format!("{}/api/orders", self.api))
+                .post(format!("{}{path}", self.api))
                 .header("x-api-key", &self.key)
-                .header("idempotency-key", &key)
-                .header("content-type", "application/json")
-                .body(payload.clone())
-                .send()
-                .await;
-            let answer = match sent {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    (status, r.bytes().await.ok())
-                }
+                .header("content-type", "application/json");
+            if let Some(k) = idempotency_key {
+                req = req.header("idempotency-key", k);
+            }
+            let (status, bytes) = match req.body(payload.clone()).send().await {
+                Ok(r) => (r.status().as_u16(), r.bytes().await.ok()),
                 Err(_) => (0, None),
             };
             let post_ms = t0.elapsed().as_secs_f64() * 1000.0;
             drop(permit);
-            if let (201, Some(b)) = &answer
-                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(b)
-                && let Some(id) = v["id"].as_str().and_then(|s| s.parse().ok())
+            if status == ok_status
+                && let Some(v) = bytes.and_then(|b| serde_json::from_slice(&b).ok())
+                && accept(&v, t0, post_ms)
             {
-                self.submitted.lock().unwrap().push(Submitted {
-                    id,
-                    quantity: 1,
-                    submitted_at: t0,
-                    post_ms,
-                });
                 return;
             }
-            self.errors.count(answer.0);
+            self.errors.count(status);
             tokio::time::sleep(Duration::from_millis(50 * (attempt + 1).min(20))).await;
         }
-        self.errors.given_up.fetch_add(1, Ordering::Relaxed);
+        self.errors.given_up.fetch_add(orders, Ordering::Relaxed);
+    }
+
+    /// One order per request.
+    async fn one(self, key: String) {
+        let payload = serde_json::to_vec(&body(&key)).expect("json");
+        let accept = |v: &serde_json::Value, t0, post_ms| {
+            let Some(id) = v["id"].as_str().and_then(|s| s.parse().ok()) else {
+                return false;
+            };
+            self.submitted.lock().unwrap().push(Submitted {
+                id,
+                quantity: 1,
+                submitted_at: t0,
+                post_ms,
+            });
+            true
+        };
+        self.post_until("/api/orders", Some(&key), payload, 201, 1, accept)
+            .await;
     }
 
     /// All of one tick's orders in one `POST /api/orders/batch`.
@@ -155,51 +173,29 @@ impl Ctx {
             })
             .collect();
         let payload = serde_json::to_vec(&json!({ "orders": orders })).expect("json");
-        for attempt in 0..30u64 {
-            let permit = self.clients.acquire().await.expect("open semaphore");
-            let t0 = Instant::now();
-            let sent = self
-                .client
-                .post(format!("{}/api/orders/batch", self.api))
-                .header("x-api-key", &self.key)
-                .header("content-type", "application/json")
-                .body(payload.clone())
-                .send()
-                .await;
-            let answer = match sent {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    (status, r.bytes().await.ok())
-                }
-                Err(_) => (0, None),
+        let accept = |v: &serde_json::Value, t0, post_ms| {
+            let Some(results) = v["results"].as_array() else {
+                return false;
             };
-            let post_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            drop(permit);
-            if let (200, Some(b)) = &answer
-                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(b)
-                && let Some(results) = v["results"].as_array()
-                && results.len() == keys.len()
-                && results.iter().all(|r| r["id"].is_string())
-            {
-                let mut s = self.submitted.lock().unwrap();
-                for r in results {
-                    if let Some(id) = r["id"].as_str().and_then(|s| s.parse().ok()) {
-                        s.push(Submitted {
-                            id,
-                            quantity: 1,
-                            submitted_at: t0,
-                            post_ms,
-                        });
-                    }
-                }
-                return;
+            let ids: Vec<uuid::Uuid> = results
+                .iter()
+                .filter_map(|r| r["id"].as_str().and_then(|s| s.parse().ok()))
+                .collect();
+            if ids.len() != keys.len() {
+                return false;
             }
-            self.errors.count(answer.0);
-            tokio::time::sleep(Duration::from_millis(50 * (attempt + 1).min(20))).await;
-        }
-        self.errors
-            .given_up
-            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+            let mut s = self.submitted.lock().unwrap();
+            s.extend(ids.into_iter().map(|id| Submitted {
+                id,
+                quantity: 1,
+                submitted_at: t0,
+                post_ms,
+            }));
+            true
+        };
+        let n = keys.len() as u64;
+        self.post_until("/api/orders/batch", None, payload, 200, n, accept)
+            .await;
     }
 }
 
