@@ -474,26 +474,7 @@ async fn a_claim_whose_connection_is_killed_still_hands_out_each_task_once() {
             .claim_tasks(worker, 10, &["test".into()], Duration::from_secs(30))
             .await
     });
-    let waiting = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND query LIKE '%picked AS MATERIALIZED%'",
-        )
-        .fetch_optional(db.pool())
-        .await
-        .unwrap()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let pid = loop {
-        if let Some(pid) = waiting().await {
-            break pid;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the claim never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = backend_waiting_on_a_lock(db.pool(), "%picked AS MATERIALIZED%", 0).await;
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(pid)
         .fetch_one(db.pool())

@@ -88,25 +88,7 @@ impl KeyBlocker {
 /// The pid of the backend (other than `except`) running an intake statement that waits on
 /// a lock.
 async fn blocked_intake_backend(db: &TestDb, except: i32) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let pid = sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND query LIKE '%idempotency_ledger%' AND pid <> $1",
-        )
-        .bind(except)
-        .fetch_optional(db.pool())
-        .await
-        .unwrap();
-        if let Some(pid) = pid {
-            return pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no intake statement waits on the key"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    backend_waiting_on_a_lock(db.pool(), "%idempotency_ledger%", except).await
 }
 
 /// Posts a one-unit order with `key` while another session holds that key: returns the

@@ -122,80 +122,69 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         .get::<MatchedPath>()
         .map_or(req.uri().path(), |m| m.as_str())
         .to_owned();
+    let action = format!("{} {route}", req.method());
+    let target = req.uri().path().to_owned();
+    let row = |status: i32, detail: Option<serde_json::Value>| NewAudit {
+        key_id: Some(caller.key_id),
+        key_name: Some(caller.key_name.clone()),
+        action: action.clone(),
+        target: Some(target.clone()),
+        status,
+        detail,
+    };
     if *req.method() == Method::POST && SELF_AUDITED.contains(&route.as_str()) {
-        let target = req.uri().path().to_owned();
         let resp = next.run(req).await;
         if resp.extensions().get::<AuditHandled>().is_some() {
             return resp;
         }
         // Refused before its statement (scope, validation): nothing changed, but the attempt
         // is on record as before.
-        let audit = NewAudit {
-            key_id: Some(caller.key_id),
-            key_name: Some(caller.key_name.clone()),
-            action: format!("POST {route}"),
-            target: Some(target),
-            status: i32::from(resp.status().as_u16()),
-            detail: resp.extensions().get::<AuditDetail>().map(|d| d.0.clone()),
-        };
+        let audit = row(i32::from(resp.status().as_u16()), detail_of(&resp));
         let store = state.store.clone();
-        match tokio::spawn(async move { store.write_audit(&audit).await }).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "writing the admin audit row of a refused call failed")
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "writing the admin audit row of a refused call failed")
-            }
+        if let Err(e) = detached(async move { store.write_audit(&audit).await }).await {
+            tracing::error!(error = %e, "writing the admin audit row of a refused call failed");
         }
         return resp;
     }
     // The row is written before the call runs: a mutation whose audit row cannot be written
     // does not happen. Its outcome is filled in afterwards (status 0 until then).
-    let audit = NewAudit {
-        key_id: Some(caller.key_id),
-        key_name: Some(caller.key_name.clone()),
-        action: format!("{} {route}", req.method()),
-        target: Some(req.uri().path().to_owned()),
-        status: 0,
-        detail: None,
-    };
+    let audit = row(0, None);
     let store = state.store.clone();
-    // Spawned so a disconnecting client cannot cancel the write half-way.
-    let begun = tokio::spawn(async move { super::bounded(store.begin_audit(&audit)).await }).await;
-    let audit_id = match begun {
-        Ok(Ok(id)) => id,
-        Ok(Err(e)) => {
+    let audit_id = match detached(async move { super::bounded(store.begin_audit(&audit)).await })
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
             tracing::error!(error = %e, action = %route, "writing the admin audit row failed; the call was refused");
             return ApiError::from(e).into_response();
         }
-        Err(e) => {
-            tracing::error!(error = %e, action = %route, "writing the admin audit row failed; the call was refused");
-            return ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the audit trail cannot be written; nothing was done",
-            )
-            .into_response();
-        }
     };
     let resp = next.run(req).await;
-    let status = i32::from(resp.status().as_u16());
-    let detail = resp.extensions().get::<AuditDetail>().map(|d| d.0.clone());
+    let (status, detail) = (i32::from(resp.status().as_u16()), detail_of(&resp));
     let store = state.store.clone();
     let finished =
-        tokio::spawn(async move { store.finish_audit(audit_id, status, detail.as_ref()).await })
-            .await;
-    match finished {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, audit.id = audit_id, "recording the outcome in the admin audit row failed (it stays at status 0)")
-        }
-        Err(e) => {
-            tracing::error!(error = %e, audit.id = audit_id, "recording the outcome in the admin audit row failed (it stays at status 0)")
-        }
+        detached(async move { store.finish_audit(audit_id, status, detail.as_ref()).await });
+    if let Err(e) = finished.await {
+        tracing::error!(error = %e, audit.id = audit_id, "recording the outcome in the admin audit row failed (it stays at status 0)");
     }
     resp
+}
+
+fn detail_of(resp: &Response) -> Option<serde_json::Value> {
+    resp.extensions().get::<AuditDetail>().map(|d| d.0.clone())
+}
+
+/// Runs a store write in a task of its own, so a disconnecting client cannot cancel it
+/// half-way; a panic of that task fails like the write.
+async fn detached<T: Send + 'static>(
+    write: impl std::future::Future<Output = Result<T, crate::store::StoreError>> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    tokio::spawn(write).await.unwrap_or_else(|e| {
+        Err(crate::store::StoreError::Invalid {
+            op: "writing the admin audit",
+            message: e.to_string(),
+        })
+    })
 }
 
 async fn resolve(state: &AppState, presented: Option<String>) -> ApiResult<Caller> {

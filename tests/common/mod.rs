@@ -600,3 +600,28 @@ impl CutProxy {
         let _ = self.cut.send(true);
     }
 }
+
+/// The pid of a backend (other than `except`) whose statement, matching the `LIKE` pattern
+/// `query`, waits on a lock; waits up to 10 s for one.
+pub async fn backend_waiting_on_a_lock(pool: &sqlx::PgPool, query: &str, except: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pid = sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE $1 AND pid <> $2",
+        )
+        .bind(query)
+        .bind(except)
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no statement like {query:?} waits on a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
