@@ -10,10 +10,13 @@
 //!   attention, in case a completion write ever missed them.
 //! - stuck orders: PROCESSING longer than `stuck_after` is logged.
 //! - retention: finished orders' tasks and audit rows move to the archive tables.
+//! - ready ring: every half second, slots of `task_ready` whose rows are all claimed are
+//!   truncated (`Store::reclaim_ready_slots`), so claims stay flat under a pinned xmin.
 //!
 //! Every write is conditional, so two sweepers at once are harmless.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::domain::state::decide;
@@ -21,7 +24,7 @@ use crate::domain::{Backoff, TaskEvent};
 use crate::leader::Leadership;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::{RetentionReport, Store, StoreError, TaskUpdate, UpdateFence};
+use crate::store::{RECLAIM_EVERY, RetentionReport, Store, StoreError, TaskUpdate, UpdateFence};
 
 #[derive(Debug, Clone)]
 pub struct SweeperConfig {
@@ -259,8 +262,17 @@ impl Sweeper {
         let (mut last_audit, mut last_retention, mut last_stuck) = (long_ago, long_ago, long_ago);
         let mut last_gauges = long_ago;
         let metrics = self.stats.metrics.clone();
+        // The ring reclaimer keeps its own half-second beat: a leader pass (audits,
+        // retention) can take longer than that.
+        let leading_now = Arc::new(AtomicBool::new(false));
+        let reclaimer = tokio::spawn(reclaim_ready_ring(
+            self.store.clone(),
+            leading_now.clone(),
+            shutdown.clone(),
+        ));
         while !shutdown.is_triggered() {
             let leading = leadership.tick().await.is_some();
+            leading_now.store(leading, Ordering::Relaxed);
             metrics
                 .leader
                 .with_label_values(&["sweeper"])
@@ -310,9 +322,32 @@ impl Sweeper {
                 _ = shutdown.wait() => break,
             }
         }
+        leading_now.store(false, Ordering::Relaxed);
+        reclaimer.abort();
         metrics.set_cluster_export(false);
         metrics.leader.with_label_values(&["sweeper"]).set(0);
         leadership.release().await;
+    }
+}
+
+/// Truncates drained ready-ring slots every [`RECLAIM_EVERY`] while this process leads.
+async fn reclaim_ready_ring(store: Store, leading: Arc<AtomicBool>, shutdown: Shutdown) {
+    while !shutdown.is_triggered() {
+        if leading.load(Ordering::Relaxed) {
+            match store.reclaim_ready_slots().await {
+                Ok(r) => tracing::debug!(
+                    truncated = r.truncated,
+                    occupied = r.occupied,
+                    busy = r.busy,
+                    "ready ring reclaimed"
+                ),
+                Err(e) => tracing::warn!(error = %e, "sweeper ready-ring reclaim failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECLAIM_EVERY) => {}
+            _ = shutdown.wait() => break,
+        }
     }
 }
 

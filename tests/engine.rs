@@ -619,29 +619,17 @@ async fn the_claim_uses_its_partial_index_over_a_million_finished_tasks() {
         .execute(db.pool())
         .await
         .unwrap();
+    // Their ring rows went with their claims.
+    sqlx::query("TRUNCATE task_ready")
+        .execute(db.pool())
+        .await
+        .unwrap();
     OrderSpec::units(100, 1).generated(&db.store).await;
     sqlx::query("VACUUM ANALYZE order_tasks")
         .execute(db.pool())
         .await
         .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN SELECT t.id FROM order_tasks t \
-         WHERE t.status IN ('PENDING', 'FAILED_RETRYING') AND t.retry_after <= now() AND t.kind = ANY('{test}') \
-         ORDER BY t.priority DESC, t.seq / 64, t.id LIMIT 100 FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_all(db.pool())
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
-    assert!(
-        plan.contains("Index Scan using order_tasks_claim_idx"),
-        "{plan}"
-    );
-    assert!(
-        !plan.contains("Sort"),
-        "the index order is the claim order: {plan}"
-    );
-    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert_claim_walks_its_indexes(&explain_claim(&db).await);
     // And the real claim statement returns promptly.
     let t = std::time::Instant::now();
     let got = db
@@ -684,6 +672,11 @@ async fn the_real_claim_walks_its_index_when_one_kind_fills_the_queue() {
         .execute(db.pool())
         .await
         .unwrap();
+    assert_claim_walks_its_indexes(&explain_claim(&db).await);
+}
+
+/// EXPLAIN of the real claim statement with its parameters bound.
+async fn explain_claim(db: &TestDb) -> String {
     let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "EXPLAIN {}",
         tally::store::CLAIM_SQL
@@ -697,19 +690,39 @@ async fn the_real_claim_walks_its_index_when_one_kind_fills_the_queue() {
     .fetch_all(db.pool())
     .await
     .unwrap();
-    let plan = plan.join("\n");
+    plan.join("\n")
+}
+
+/// New work is walked in the ring's claim order, due retries in their own index, and the
+/// tasks are then locked by key: nothing reads the whole queue or sorts it.
+fn assert_claim_walks_its_indexes(plan: &str) {
     assert!(
-        plan.contains("Index Scan using order_tasks_claim_idx"),
-        "{plan}"
+        plan.contains("Merge Append") && plan.contains("priority_run_task_id_idx"),
+        "new work must be walked in the ring's index order: {plan}"
+    );
+    assert!(
+        plan.contains("order_tasks_retry_idx"),
+        "due retries must be walked in their own index: {plan}"
+    );
+    assert!(
+        plan.contains("Index Scan using order_tasks_pkey"),
+        "the tasks must be locked by key: {plan}"
     );
     assert!(
         !plan.contains("Seq Scan on order_tasks"),
         "the claim must not read the whole queue: {plan}"
     );
-    assert!(
-        !plan.contains("Sort Key: t.priority"),
-        "the index order is the claim order: {plan}"
-    );
+    // The ring is merged in index order, never sorted: its only "Sort Key" is the Merge
+    // Append's.
+    let lines: Vec<&str> = plan.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        if l.contains("Sort Key: r.priority") {
+            assert!(
+                i > 0 && lines[i - 1].contains("Merge Append"),
+                "the index order is the claim order: {plan}"
+            );
+        }
+    }
 }
 
 /// The completion write must stay one primary-key lookup per task whatever the statistics

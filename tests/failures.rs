@@ -474,7 +474,12 @@ async fn a_claim_whose_connection_is_killed_still_hands_out_each_task_once() {
             .claim_tasks(worker, 10, &["test".into()], Duration::from_secs(30))
             .await
     });
-    let pid = backend_waiting_on_a_lock(db.pool(), "%picked AS MATERIALIZED%", 0).await;
+    let pid = backend_waiting_on_a_lock(
+        db.pool(),
+        "%SELECT paused, batch_size_override FROM tally_control%",
+        0,
+    )
+    .await;
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(pid)
         .fetch_one(db.pool())

@@ -14,6 +14,7 @@ mod kinds;
 mod leader;
 mod ops;
 mod orders;
+mod ready;
 mod sweep;
 mod tasks;
 mod wake;
@@ -39,11 +40,12 @@ pub use orders::{
     Accepted, GENERATE_TASKS_BUDGET, GENERATE_TIMEOUT, INTAKE_TRIES, IntakeAudit, IntakeItem,
     IntakeOutcome, NewOrder, OrderRow,
 };
+pub use ready::{RECLAIM_EVERY, ReclaimReport};
 pub use sweep::{ExpiredTask, RetentionReport};
 /// The claim and completion statements themselves, so a test can EXPLAIN exactly what
 /// workers run.
 #[doc(hidden)]
-pub use tasks::{APPLY as APPLY_SQL, CLAIM as CLAIM_SQL, CLAIM_RUN};
+pub use tasks::{APPLY as APPLY_SQL, CLAIM as CLAIM_SQL, CLAIM_RUN, GENERIC_PLAN};
 pub use tasks::{Applied, ClaimedTask, TaskUpdate, UpdateFence};
 pub use wake::WAKE_WINDOW;
 pub use workers::{WorkerCounters, WorkerRegistration};

@@ -84,7 +84,21 @@ upd AS (
         updated_at = now()
     FROM input i
     WHERE t.id = i.id AND t.status = i.from_state
-    RETURNING t.id, t.order_id, i.from_state, t.status, i.reason, t.attempts
+    RETURNING t.id, t.order_id, i.from_state, t.status, i.reason, t.attempts, t.seq, t.kind,
+              t.priority
+),
+-- The ready ring (migration 0005) follows: a task that leaves PENDING loses its ring row,
+-- one that becomes PENDING gets one.
+unready AS (
+    DELETE FROM task_ready r
+    WHERE r.task_id = ANY(ARRAY(SELECT id FROM upd WHERE from_state = 'PENDING'
+                                                     AND status <> 'PENDING'))
+),
+ready AS (
+    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
+    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id
+    FROM upd
+    WHERE status = 'PENDING' AND from_state <> 'PENDING'
 )
 INSERT INTO order_task_transitions (task_id, order_id, from_state, to_state, transition_reason, actor_id, attempt)
 SELECT id, order_id, from_state, status, reason, $7, attempts FROM upd

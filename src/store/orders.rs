@@ -194,6 +194,12 @@ tasks AS (
            ins.priority, ins.max_attempts
     FROM ins CROSS JOIN LATERAL generate_series(0, ins.task_count - 1) AS g(seq)
     WHERE ins.status = 'PROCESSING'
+    RETURNING id, order_id, seq, kind, priority
+),
+ready AS (
+    -- Claimable from the ready ring (migration 0005).
+    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
+    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id FROM tasks
 ),
 generated AS (
     INSERT INTO order_task_transitions
@@ -259,7 +265,12 @@ ins AS (
     FROM picked p
     CROSS JOIN LATERAL generate_series(0, p.task_count - 1) AS g(seq)
     ON CONFLICT (order_id, seq) DO NOTHING
-    RETURNING 1
+    RETURNING id, order_id, seq, kind, priority
+),
+ready AS (
+    -- Claimable from the ready ring (migration 0005).
+    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
+    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id FROM ins
 ),
 upd AS (
     UPDATE orders o

@@ -72,44 +72,101 @@ pub enum UpdateFence {
 }
 
 /// Tasks of one order a claim takes in a row before another order's turn (the `64` in
-/// `CLAIM` and in migration 0004's index expression, which must match it).
+/// `CLAIM`, in the ring rows' `run` (`seq / 64`) and in migration 0004's index expression,
+/// which must all match it).
 pub const CLAIM_RUN: i32 = 64;
 
 /// Claims up to `limit` tasks of the given kinds in one statement.
 ///
-/// The CTE picks rows with `FOR UPDATE SKIP LOCKED` in the order of
-/// `order_tasks_claim_idx`: priority, then runs of [`CLAIM_RUN`] tasks (`seq / 64`), then
-/// id. Orders interleave run by run: a small order's first run competes with a giant
-/// order's next run, not its last, while one batch still takes whole runs of few orders
-/// (few order rows to update, few places in the audit index). Picking in a CTE means
-/// Postgres cannot update more rows than the `LIMIT`.
+/// Candidates come from two places, each walked in its own index order and locked with
+/// `FOR UPDATE SKIP LOCKED`:
+/// - new work (PENDING) from the ready ring `task_ready` (migration 0005), in the order of
+///   `task_ready_claim_idx`: priority, then runs of [`CLAIM_RUN`] tasks (`seq / 64`), then
+///   id. Orders interleave run by run: a small order's first run competes with a giant
+///   order's next run, not its last, while one batch still takes whole runs of few orders;
+/// - due retries (FAILED_RETRYING) through `order_tasks_retry_idx`, oldest due first.
+///
+/// The tasks themselves are then locked by primary key and re-checked (still claimable,
+/// due, attempts left), and the best `limit` of them by (priority, run, id) are claimed.
+/// The ring rows of claimed tasks are deleted in the same statement, and so are ring rows
+/// whose task is no longer PENDING (a pointer the claim found stale). Neither walk meets
+/// the entries of tasks claimed long ago, which is what keeps the claim flat while a
+/// pinned xmin keeps vacuum from removing them (see migration 0005).
 /// The global pause and batch-size override from `tally_control`, paused orders and paused
 /// kinds apply in the same statement, so a pause takes effect at the next claim.
 pub const CLAIM: &str = r#"
 WITH ctl AS (
     SELECT paused, batch_size_override FROM tally_control WHERE id
 ),
+lim AS (
+    SELECT least($2, coalesce((SELECT batch_size_override FROM ctl), $2)) AS n
+),
+-- The worker's kinds less the paused ones, as a positive list: the planner estimates
+-- `kind <> ALL(<subquery>)` as matching nothing when one kind dominates the table, and
+-- then sorts every candidate instead of walking the index (570 ms claims at 200,000
+-- tasks; `engine::the_real_claim_walks_its_index_…` guards it).
+kinds_ok AS (
+    SELECT ARRAY(SELECT k FROM unnest($3::text[]) AS k
+                 EXCEPT SELECT name FROM kinds WHERE paused) AS k
+),
+-- Held orders (paused, or closed with attempts still running): a tiny list (partial
+-- index), computed once per statement. Compared as text on purpose: the column's
+-- statistics make `order_id <> ALL(<subquery>)` estimate to nothing when one order fills
+-- the queue (a giant order), with the same sorted full read as above.
+held AS (
+    SELECT ARRAY(SELECT id::text FROM orders WHERE paused) AS ids
+),
+ready AS MATERIALIZED (
+    SELECT r.task_id
+    FROM task_ready r
+    WHERE r.kind = ANY((SELECT k FROM kinds_ok)::text[])
+      AND r.order_id::text <> ALL((SELECT ids FROM held)::text[])
+      AND NOT coalesce((SELECT paused FROM ctl), false)
+    ORDER BY r.priority DESC, r.run, r.task_id
+    LIMIT (SELECT n FROM lim)
+    FOR UPDATE OF r SKIP LOCKED
+),
+retrying AS MATERIALIZED (
+    SELECT t.id
+    FROM order_tasks t
+    WHERE t.status = 'FAILED_RETRYING'
+      AND t.retry_after <= now()
+      AND t.kind = ANY((SELECT k FROM kinds_ok)::text[])
+      AND t.order_id::text <> ALL((SELECT ids FROM held)::text[])
+      AND NOT coalesce((SELECT paused FROM ctl), false)
+    ORDER BY t.retry_after
+    LIMIT (SELECT n FROM lim)
+    FOR UPDATE OF t SKIP LOCKED
+),
 picked AS MATERIALIZED (
+    -- `= ANY(ARRAY(...))` keeps these primary-key lookups: joining the CTEs instead lets
+    -- the planner, which cannot estimate the LIMIT expression, hash the whole table.
+    -- The status lists are sub-selects so the planner cannot match them to the partial
+    -- `order_tasks_claim_idx` and AND a bitmap of that whole index (every entry vacuum
+    -- has not removed yet) with the key lookups: 10 ms per claim at 66,000 entries.
     SELECT t.id, t.status
     FROM order_tasks t
-    WHERE t.status IN ('PENDING', 'FAILED_RETRYING')
+    WHERE t.id = ANY(ARRAY(SELECT task_id FROM ready UNION SELECT id FROM retrying))
+      AND t.status = ANY((SELECT '{PENDING,FAILED_RETRYING}'::text[])::text[])
       AND t.retry_after <= now()
-      -- The worker's kinds less the paused ones, as a positive list: the planner estimates
-      -- `kind <> ALL(<subquery>)` as matching nothing when one kind dominates the table,
-      -- and then sorts every claimable row instead of walking the claim index (570 ms
-      -- claims at 200,000 tasks; `engine::the_real_claim_walks_its_index_…` guards it).
-      AND t.kind = ANY(ARRAY(SELECT k FROM unnest($3::text[]) AS k
-                             EXCEPT SELECT name FROM kinds WHERE paused))
-      AND NOT coalesce((SELECT paused FROM ctl), false)
-      -- Held orders (paused, or closed with attempts still running): a tiny list (partial
-      -- index), computed once per statement. Compared as text on purpose: the column's
-      -- statistics make `order_id <> ALL(<subquery>)` estimate to nothing when one order
-      -- fills the queue (a giant order), with the same sorted full read as above; the
-      -- expression has no statistics, so the planner keeps the index walk.
-      AND t.order_id::text <> ALL(ARRAY(SELECT id::text FROM orders WHERE paused))
+      AND t.attempts < t.max_attempts
     ORDER BY t.priority DESC, t.seq / 64, t.id
-    LIMIT least($2, coalesce((SELECT batch_size_override FROM ctl), $2))
-    FOR UPDATE SKIP LOCKED
+    LIMIT (SELECT n FROM lim)
+    FOR UPDATE OF t SKIP LOCKED
+),
+-- Ring rows taken whose task is still PENDING (by key: a NOT EXISTS here is planned as a
+-- hashed read of all of order_tasks).
+pending AS MATERIALIZED (
+    SELECT t.id
+    FROM order_tasks t
+    WHERE t.id = ANY(ARRAY(SELECT task_id FROM ready))
+      AND t.status = (SELECT 'PENDING'::text)
+),
+spent AS (
+    DELETE FROM task_ready r
+    WHERE r.task_id = ANY(ARRAY(SELECT id FROM picked
+                                UNION ALL
+                                (SELECT task_id FROM ready EXCEPT SELECT id FROM pending)))
 ),
 claimed AS (
     -- `= ANY(ARRAY(...))` keeps this a primary-key lookup: joining the CTE instead lets
@@ -148,6 +205,9 @@ FROM claimed c
 CROSS JOIN LATERAL (SELECT target, trace_context FROM orders WHERE id = c.order_id) o
 LEFT JOIN LATERAL (SELECT updated_at FROM kinds WHERE name = c.kind) k ON true
 "#;
+
+/// The claim runs on the connection's cached generic plan (see [`Store::claim_tasks`]).
+pub const GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
 
 /// The tasks of one claim, by its token, with the columns `CLAIM` returns (through the
 /// small `order_tasks_executing_idx`).
@@ -205,7 +265,16 @@ upd AS (
       AND t.claim_token = i.token
       AND (NOT $12 OR t.lease_expires_at < now())
     RETURNING t.id, t.order_id, t.status, t.attempts, i.delivered_delta, i.failed_delta,
-              i.cancelled_delta, i.reason, i.error_class, i.retry_in_secs
+              i.cancelled_delta, i.reason, i.error_class, i.retry_in_secs, t.seq, t.kind,
+              t.priority
+),
+-- A task handed back to PENDING is new work again: it goes back into the ready ring
+-- (FAILED_RETRYING ones are claimed through `order_tasks_retry_idx`).
+requeue AS (
+    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
+    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id
+    FROM upd
+    WHERE status = 'PENDING'
 ),
 agg AS (
     SELECT order_id, sum(delivered_delta)::bigint AS d, sum(failed_delta)::bigint AS f,
@@ -289,15 +358,24 @@ impl Store {
             tries += 1;
             let claimed = self
                 .call("claiming a task batch", async {
-                    sqlx::query_as::<_, ClaimedTask>(CLAIM)
+                    // Planning the claim costs 3-5 ms (the ring's partitions, twice), several
+                    // times its execution, and Postgres keeps re-planning it per call when
+                    // left to choose: at 2,000 orders/s that alone kept a backlog. The
+                    // generic plan is made once per connection and re-made after an ANALYZE;
+                    // its shape is what `engine::the_real_claim_…` checks.
+                    let mut tx = self.pool().begin().await?;
+                    sqlx::query(GENERIC_PLAN).execute(&mut *tx).await?;
+                    let claimed = sqlx::query_as::<_, ClaimedTask>(CLAIM)
                         .bind(worker_id)
                         .bind(i64::from(limit))
                         .bind(kinds)
                         .bind(lease.as_secs_f64())
                         .bind(worker_id.to_string())
                         .bind(token)
-                        .fetch_all(self.pool())
-                        .await
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(claimed)
                 })
                 .await;
             match claimed {

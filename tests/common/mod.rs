@@ -416,14 +416,31 @@ pub fn signal(child: &tokio::process::Child, sig: i32) {
     }
 }
 
+/// Claims up to `n` tasks of kind `test` for `worker` (lease 30 s).
+pub async fn claim_up_to(store: &Store, worker: Uuid, n: u32) -> Vec<tally::store::ClaimedTask> {
+    store
+        .claim_tasks(worker, n, &["test".into()], Duration::from_secs(30))
+        .await
+        .unwrap()
+}
+
 /// Claims one task of kind `test` for `worker` (lease 30 s).
 pub async fn claim_one(store: &Store, worker: Uuid) -> tally::store::ClaimedTask {
-    let mut got = store
-        .claim_tasks(worker, 1, &["test".into()], Duration::from_secs(30))
-        .await
-        .unwrap();
+    let mut got = claim_up_to(store, worker, 1).await;
     assert_eq!(got.len(), 1, "expected a claimable task");
     got.remove(0)
+}
+
+/// Claims batches of kind `test` until none is left; returns how many were claimed.
+pub async fn claim_all(store: &Store, worker: Uuid) -> usize {
+    let mut claimed = 0;
+    loop {
+        let got = claim_up_to(store, worker, 1000).await.len();
+        if got == 0 {
+            return claimed;
+        }
+        claimed += got;
+    }
 }
 
 /// The update the state machine decides for `event` on a claimed task.
@@ -618,10 +635,16 @@ pub async fn backend_waiting_on_a_lock(pool: &sqlx::PgPool, query: &str, except:
         if let Some(pid) = pid {
             return pid;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no statement like {query:?} waits on a lock"
-        );
+        if Instant::now() >= deadline {
+            let seen: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT wait_event_type, state, left(query, 60) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            panic!("no statement like {query:?} waits on a lock; backends: {seen:?}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
