@@ -292,8 +292,9 @@ async fn heartbeat(
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait() => return,
         }
+        let (ids, tokens) = stats.held();
         match store
-            .heartbeat(reg.id, lease, stats.counters(), &stats.held())
+            .heartbeat(reg.id, lease, stats.counters(), &ids, &tokens)
             .await
         {
             Ok((true, _)) => {}

@@ -211,8 +211,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "TALLY_WORKER_BATCH_SIZE", default_value = "100",
           value_parser = bounded::<u32>("TALLY_WORKER_BATCH_SIZE", 1, 10_000))]
     pub worker_batch_size: u32,
-    /// Most tasks executing at once in one process.
-    #[arg(long, env = "TALLY_WORKER_CONCURRENCY", default_value = "32",
+    /// Most tasks executing at once in one process. A slot is held from the claim until the
+    /// outcome is committed, so even an instant handler keeps it for two commits.
+    #[arg(long, env = "TALLY_WORKER_CONCURRENCY", default_value = "64",
           value_parser = bounded::<u32>("TALLY_WORKER_CONCURRENCY", 1, 10_000))]
     pub worker_concurrency: u32,
     /// Longest one attempt may run, seconds; then it is cancelled as a TimeoutError.

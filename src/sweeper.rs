@@ -11,7 +11,8 @@
 //! - stuck orders: PROCESSING longer than `stuck_after` is logged.
 //! - retention: finished orders' tasks and audit rows move to the archive tables.
 //! - ready ring: every half second, slots of `task_ready` whose rows are all claimed are
-//!   truncated (`Store::reclaim_ready_slots`), so claims stay flat under a pinned xmin.
+//!   truncated (`Store::reclaim_ready_slots`), so claims stay flat under a pinned xmin; once
+//!   a minute, PENDING tasks without a ring row get one (`Store::repair_ready_ring`).
 //!
 //! Every write is conditional, so two sweepers at once are harmless.
 
@@ -222,45 +223,64 @@ impl Sweeper {
         Ok(r)
     }
 
-    /// The leader's work for one tick: each service on its own interval.
-    async fn leader_pass(
-        &self,
-        now: Instant,
-        last_audit: &mut Instant,
-        last_stuck: &mut Instant,
-        last_retention: &mut Instant,
-    ) {
-        log_err("rescue", self.rescue_once().await);
-        log_err("finalise", self.finalise_once().await);
-        log_err(
-            "close-out",
-            self.store.close_out_finished_orders(100, &self.actor).await,
-        );
-        log_err(
-            "callback queueing",
-            self.store.enqueue_callbacks(500, CALLBACK_ATTEMPTS).await,
-        );
-        if now.duration_since(*last_audit) >= self.config.audit_interval {
-            *last_audit = now;
-            log_err("audit", self.audit_once().await);
+    /// The leader's work for one tick: each service when its cadence says it is due.
+    async fn leader_pass(&self, due: &mut Cadences) {
+        if let Some(run) = due.rescue.start() {
+            log_err("rescue", self.rescue_once().await);
+            due.rescue.ran(run);
         }
-        if now.duration_since(*last_stuck) >= Duration::from_secs(60) {
-            *last_stuck = now;
+        if let Some(run) = due.finalise.start() {
+            log_err("finalise", self.finalise_once().await);
+            log_err(
+                "close-out",
+                self.store.close_out_finished_orders(100, &self.actor).await,
+            );
+            due.finalise.ran(run);
+        }
+        if let Some(run) = due.callbacks.start() {
+            log_err(
+                "callback queueing",
+                self.store.enqueue_callbacks(500, CALLBACK_ATTEMPTS).await,
+            );
+            due.callbacks.ran(run);
+        }
+        if let Some(run) = due.audit.start() {
+            log_err("audit", self.audit_once().await);
+            due.audit.ran(run);
+        }
+        if let Some(run) = due.stuck.start() {
             log_err("stuck-order scan", self.stuck_once().await);
             log_err("worker reaping", self.store.reap_workers().await);
+            match self.store.repair_ready_ring().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    tasks = n,
+                    "PENDING tasks had no ready-ring row and were given one (a restore without \
+                     task_ready's data, or a write around Tally)"
+                ),
+                Err(e) => tracing::warn!(error = %e, "sweeper ready-ring repair failed"),
+            }
+            due.stuck.ran(run);
         }
-        if now.duration_since(*last_retention) >= self.config.retention_interval {
-            *last_retention = now;
+        if let Some(run) = due.retention.start() {
             log_err("retention", self.retention_once().await);
+            due.retention.ran(run);
         }
     }
 
     /// The leader loop: renew the lease every tick; while leading, run each service on its
     /// interval. Releases the lease on shutdown so a standby takes over at once.
     pub async fn run(self, mut leadership: Leadership, shutdown: Shutdown) {
-        let long_ago = Instant::now() - Duration::from_secs(24 * 3600);
-        let (mut last_audit, mut last_retention, mut last_stuck) = (long_ago, long_ago, long_ago);
-        let mut last_gauges = long_ago;
+        let c = &self.config;
+        let mut due = Cadences {
+            rescue: Cadence::every(c.tick_interval),
+            finalise: Cadence::every(c.tick_interval),
+            callbacks: Cadence::every(c.tick_interval),
+            audit: Cadence::every(c.audit_interval),
+            stuck: Cadence::every(Duration::from_secs(60)),
+            retention: Cadence::every(c.retention_interval),
+            gauges: Cadence::every(crate::metrics::CLUSTER_GAUGES_EVERY),
+        };
         let metrics = self.stats.metrics.clone();
         // The ring reclaimer keeps its own half-second beat: a leader pass (audits,
         // retention) can take longer than that.
@@ -281,9 +301,7 @@ impl Sweeper {
                 metrics.set_cluster_export(false);
             }
             if leading {
-                let now = Instant::now();
-                if now.duration_since(last_gauges) >= crate::metrics::CLUSTER_GAUGES_EVERY {
-                    last_gauges = now;
+                if let Some(run) = due.gauges.start() {
                     match self.store.cluster_gauges().await {
                         Ok(g) => {
                             metrics.tasks_pending.set(g.pending);
@@ -309,13 +327,10 @@ impl Sweeper {
                         }
                         Err(e) => tracing::warn!(error = %e, "reading the cluster gauges failed"),
                     }
+                    due.gauges.ran(run);
                 }
                 let pass = tracing::info_span!("sweeper.pass");
-                tracing::Instrument::instrument(
-                    self.leader_pass(now, &mut last_audit, &mut last_stuck, &mut last_retention),
-                    pass,
-                )
-                .await;
+                tracing::Instrument::instrument(self.leader_pass(&mut due), pass).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.tick_interval) => {}
@@ -328,6 +343,55 @@ impl Sweeper {
         metrics.leader.with_label_values(&["sweeper"]).set(0);
         leadership.release().await;
     }
+}
+
+/// A leader service's next run must wait this many times as long as its last run took, so
+/// no service holds a database backend more than a tenth of the time. A pinned xmin makes
+/// scans of status-filtered indexes grow for as long as it lasts (their dead entries cannot
+/// be removed); the services then run less often instead of crowding out intake and claims.
+const STRETCH: u32 = 10;
+
+/// When one leader service runs next: its interval, stretched to [`STRETCH`] × its last run.
+#[derive(Debug, Clone, Copy)]
+struct Cadence {
+    every: Duration,
+    next: Instant,
+}
+
+impl Cadence {
+    /// Due at once, then every `every` (at least).
+    fn every(every: Duration) -> Self {
+        Cadence {
+            every,
+            next: Instant::now(),
+        }
+    }
+
+    /// `Some(start)` when the service is due now.
+    fn start(&self) -> Option<Instant> {
+        let now = Instant::now();
+        (now >= self.next).then_some(now)
+    }
+
+    /// Schedules the next run after one that began at `started` and has just ended.
+    fn ran(&mut self, started: Instant) {
+        self.schedule(started, started.elapsed());
+    }
+
+    fn schedule(&mut self, started: Instant, took: Duration) {
+        self.next = started + self.every.max(took * STRETCH);
+    }
+}
+
+/// The leader services' cadences.
+struct Cadences {
+    rescue: Cadence,
+    finalise: Cadence,
+    callbacks: Cadence,
+    audit: Cadence,
+    stuck: Cadence,
+    retention: Cadence,
+    gauges: Cadence,
 }
 
 /// Truncates drained ready-ring slots every [`RECLAIM_EVERY`] while this process leads.
@@ -357,5 +421,22 @@ pub const CALLBACK_ATTEMPTS: i32 = 8;
 fn log_err<T>(what: &str, r: Result<T, StoreError>) {
     if let Err(e) = r {
         tracing::warn!(error = %e, "sweeper {what} pass failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_service_waits_ten_times_its_run_and_a_fast_one_its_interval() {
+        let t0 = Instant::now();
+        let mut c = Cadence::every(Duration::from_secs(1));
+        assert!(c.start().is_some(), "due at once");
+        c.schedule(t0, Duration::from_millis(20));
+        assert_eq!(c.next, t0 + Duration::from_secs(1));
+        assert!(c.start().is_none());
+        c.schedule(t0, Duration::from_millis(300));
+        assert_eq!(c.next, t0 + Duration::from_secs(3));
     }
 }

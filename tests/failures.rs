@@ -51,15 +51,17 @@ async fn a_zombie_worker_cannot_complete_a_rescued_task() {
         .await
         .unwrap()
         .remove(0);
-    let hb = |held: Vec<Uuid>| {
+    let hb = |held: Vec<(i64, Uuid)>| {
         let store = db.store.clone();
+        let (ids, tokens): (Vec<i64>, Vec<Uuid>) = held.into_iter().unzip();
         async move {
             store
                 .heartbeat(
                     zombie_id,
                     Duration::from_secs(30),
                     Default::default(),
-                    &held,
+                    &ids,
+                    &tokens,
                 )
                 .await
                 .unwrap()
@@ -69,11 +71,11 @@ async fn a_zombie_worker_cannot_complete_a_rescued_task() {
     // A heartbeat renews only the claims the worker knows it holds (a claim whose response
     // was lost is left to expire and be rescued).
     assert_eq!(hb(vec![]).await, 0);
-    assert_eq!(hb(vec![zombie.claim_token]).await, 1);
+    assert_eq!(hb(vec![(zombie.id, zombie.claim_token)]).await, 1);
     expire_leases(&db.store).await;
     assert_eq!(sweeper(&db.store, "s").rescue_once().await.unwrap(), 1);
     // The zombie's heartbeat cannot revive the lost claim.
-    assert_eq!(hb(vec![zombie.claim_token]).await, 0);
+    assert_eq!(hb(vec![(zombie.id, zombie.claim_token)]).await, 0);
     let fresh = db
         .store
         .claim_tasks(Uuid::new_v4(), 1, &kinds, Duration::from_secs(30))
@@ -174,6 +176,7 @@ async fn a_stale_rescue_never_resurrects_a_completed_task() {
             worker,
             Duration::from_secs(30),
             Default::default(),
+            &[alive.id],
             &[alive.claim_token],
         )
         .await

@@ -343,3 +343,24 @@ async fn reclaiming_all_the_while_orders_arrive_loses_no_ring_row() {
         "every task was claimable exactly once"
     );
 }
+
+#[tokio::test]
+async fn the_sweepers_repair_gives_a_stranded_pending_task_its_ring_row_once() {
+    let db = TestDb::new().await;
+    create_inline(&db.store, 7).await;
+    // What a restore without task_ready's data leaves: PENDING tasks nothing points at.
+    sqlx::query("TRUNCATE task_ready")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(ring_mismatches(&db).await, (7, 0, 0));
+    assert!(claim_up_to(&db.store, Uuid::new_v4(), 100).await.is_empty());
+    assert_eq!(db.store.repair_ready_ring().await.unwrap(), 7);
+    assert_eq!(
+        db.store.repair_ready_ring().await.unwrap(),
+        0,
+        "a repair is idempotent"
+    );
+    assert_eq!(ring_mismatches(&db).await, (0, 0, 0));
+    assert_eq!(claim_all(&db.store, Uuid::new_v4()).await, 7);
+}

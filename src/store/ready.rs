@@ -31,6 +31,17 @@ WHERE s NOT IN (c.cur, (c.cur + 1) % 8, (c.cur + 7) % 8)
 ORDER BY s
 "#;
 
+/// Gives every PENDING task that has no ring row one. Every writer keeps the ring in the
+/// statement that changes the task, so this finds nothing unless something went around
+/// them: a restore without the ring's data, a hand edit, a bug.
+const REPAIR: &str = r#"
+INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
+SELECT tally_ready_slot(), t.id, t.priority, t.seq / 64, t.kind, t.order_id
+FROM order_tasks t
+WHERE t.status = 'PENDING'
+  AND NOT EXISTS (SELECT 1 FROM task_ready r WHERE r.task_id = t.id)
+"#;
+
 /// What one reclaim pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReclaimReport {
@@ -43,6 +54,17 @@ pub struct ReclaimReport {
 }
 
 impl Store {
+    /// The sweeper's safety net for the ring (see [`REPAIR`]); returns the tasks repaired.
+    pub async fn repair_ready_ring(&self) -> Result<u64, StoreError> {
+        self.call("repairing the ready ring", async {
+            sqlx::query(REPAIR)
+                .execute(self.pool())
+                .await
+                .map(|r| r.rows_affected())
+        })
+        .await
+    }
+
     /// Truncates every ring slot that holds no unclaimed row (see the module docs).
     pub async fn reclaim_ready_slots(&self) -> Result<ReclaimReport, StoreError> {
         let slots: Vec<i16> = self

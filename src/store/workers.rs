@@ -43,10 +43,14 @@ WITH w AS (
     RETURNING id
 ),
 t AS (
-    UPDATE order_tasks
+    -- By key, fenced by the token alone (`order_tasks_executing_has_claim` makes a token
+    -- mean EXECUTING): naming the status would let the planner walk
+    -- `order_tasks_executing_idx` for this worker, every entry vacuum has not removed yet.
+    UPDATE order_tasks t
     SET lease_expires_at = now() + make_interval(secs => $2)
-    WHERE claimed_by = $1 AND status = 'EXECUTING' AND claim_token = ANY($8)
-    RETURNING id
+    FROM unnest($8::bigint[], $9::uuid[]) AS h(id, token)
+    WHERE t.id = h.id AND t.claim_token = h.token AND t.claimed_by = $1
+    RETURNING t.id
 )
 SELECT (SELECT count(*) FROM w) AS workers, (SELECT count(*) FROM t) AS tasks
 "#;
@@ -84,7 +88,8 @@ impl Store {
         worker_id: Uuid,
         lease: Duration,
         c: WorkerCounters,
-        held: &[Uuid],
+        held_ids: &[i64],
+        held_tokens: &[Uuid],
     ) -> Result<(bool, u64), StoreError> {
         let (w, t): (i64, i64) = self
             .call("sending a heartbeat", async {
@@ -96,7 +101,8 @@ impl Store {
                     .bind(c.failed)
                     .bind(c.retries)
                     .bind(c.recovered_orphans)
-                    .bind(held)
+                    .bind(held_ids)
+                    .bind(held_tokens)
                     .fetch_one(self.pool())
                     .await
             })

@@ -65,7 +65,7 @@ pub(super) async fn run(
             .count() as u64;
         // Written (or given up to the sweeper): no longer ours to renew. Dropping the batch
         // releases its slots.
-        stats.release(batch.iter().map(|f| f.task.claim_token));
+        stats.release(batch.iter().map(|f| (f.task.id, f.task.claim_token)));
         batch.clear();
     }
     handed_back

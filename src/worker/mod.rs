@@ -61,7 +61,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             batch_size_max: 100,
-            concurrency_max: 32,
+            concurrency_max: 64,
             lease_ttl: Duration::from_secs(10),
             claim_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
@@ -242,7 +242,8 @@ impl Worker {
                 m.touch_kind(&t.kind);
             }
             let batch = crate::metrics::BatchTimer::start(m.clone());
-            self.stats.hold(claimed.iter().map(|t| t.claim_token));
+            self.stats
+                .hold(claimed.iter().map(|t| (t.id, t.claim_token)));
             report.claimed += u64::from(got);
             for task in claimed {
                 let permit = permits.pop().expect("one permit per claimed task");
