@@ -263,7 +263,18 @@ async fn a_drained_slot_is_truncated_while_the_xmin_is_pinned_and_a_backlog_is_k
     let got = claim_up_to(&db.store, worker, 100).await;
     assert_eq!(got.len(), 5);
     assert!(got.iter().all(|t| t.order_id == waiting));
-    assert_ne!(drained, waiting);
+    let drained_executing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_tasks WHERE order_id = $1 AND status = 'EXECUTING' \
+         AND attempts = 1",
+    )
+    .bind(drained)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        drained_executing, 5_000,
+        "each drained task was claimed exactly once"
+    );
     pin.rollback().await.unwrap();
 }
 

@@ -6,6 +6,20 @@
 //! every call is additionally bounded on the client side ([`Store::call`]), so a half-open
 //! socket can stall one call, never a loop.
 
+/// The ready-ring rows (migration 0005) of the task rows `$from` yields (it must have
+/// `id`, `order_id`, `seq`, `kind` and `priority`): one definition for every statement
+/// that makes tasks PENDING.
+macro_rules! insert_ready_rows {
+    ($from:literal) => {
+        concat!(
+            "INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)\n",
+            "    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id\n",
+            "    FROM ",
+            $from
+        )
+    };
+}
+
 mod admin;
 mod callbacks;
 mod control;
@@ -45,7 +59,7 @@ pub use sweep::{ExpiredTask, RetentionReport};
 /// The claim and completion statements themselves, so a test can EXPLAIN exactly what
 /// workers run.
 #[doc(hidden)]
-pub use tasks::{APPLY as APPLY_SQL, CLAIM as CLAIM_SQL, CLAIM_RUN, GENERIC_PLAN};
+pub use tasks::{APPLY as APPLY_SQL, CLAIM as CLAIM_SQL, CLAIM_RUN};
 pub use tasks::{Applied, ClaimedTask, TaskUpdate, UpdateFence};
 pub use wake::WAKE_WINDOW;
 pub use workers::{WorkerCounters, WorkerRegistration};

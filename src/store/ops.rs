@@ -71,7 +71,8 @@ struct OpenTask {
     delivered: i32,
 }
 
-const WRITE_TASKS: &str = r#"
+const WRITE_TASKS: &str = concat!(
+    r#"
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::bool[], $6::text[])
         AS i(id, from_state, to_state, attempts, retry_now, reason)
@@ -95,15 +96,15 @@ unready AS (
                                                      AND status <> 'PENDING'))
 ),
 ready AS (
-    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
-    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id
-    FROM upd
-    WHERE status = 'PENDING' AND from_state <> 'PENDING'
+    "#,
+    insert_ready_rows!("upd WHERE status = 'PENDING' AND from_state <> 'PENDING'"),
+    r#"
 )
 INSERT INTO order_task_transitions (task_id, order_id, from_state, to_state, transition_reason, actor_id, attempt)
 SELECT id, order_id, from_state, status, reason, $7, attempts FROM upd
 RETURNING task_id
-"#;
+"#
+);
 
 impl Store {
     /// Applies `action` to order `id` as `actor`.

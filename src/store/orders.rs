@@ -198,8 +198,9 @@ tasks AS (
 ),
 ready AS (
     -- Claimable from the ready ring (migration 0005).
-    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
-    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id FROM tasks
+    "#,
+    insert_ready_rows!("tasks"),
+    r#"
 ),
 generated AS (
     INSERT INTO order_task_transitions
@@ -241,7 +242,8 @@ ORDER BY r.n
 /// A pass takes orders, oldest first, while their tasks fit the budget `$3`, and always the
 /// oldest one however big (`running = task_count` only holds for the first row), so a huge
 /// order never drags a batch of small ones into one long statement.
-const GENERATE: &str = r#"
+const GENERATE: &str = concat!(
+    r#"
 WITH locked AS (
     SELECT id, quantity, task_count, kind, priority, max_attempts, created_at
     FROM orders
@@ -269,8 +271,9 @@ ins AS (
 ),
 ready AS (
     -- Claimable from the ready ring (migration 0005).
-    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
-    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id FROM ins
+    "#,
+    insert_ready_rows!("ins"),
+    r#"
 ),
 upd AS (
     UPDATE orders o
@@ -284,7 +287,8 @@ audit AS (
     SELECT id, 'PENDING', 'PROCESSING', 'tasks_generated', $2 FROM upd
 )
 SELECT (SELECT count(*) FROM upd) AS orders, (SELECT count(*) FROM ins) AS tasks
-"#;
+"#
+);
 
 /// Longest one generation statement may run (a 10^9-unit order is 2.5 million tasks).
 pub const GENERATE_TIMEOUT: Duration = Duration::from_secs(600);

@@ -10,10 +10,6 @@ use std::time::Duration;
 
 use super::{Store, StoreError};
 
-/// Slots in the ring (partitions `task_ready_0` … `task_ready_7`); `tally_ready_slot()` in
-/// migration 0005 must agree.
-pub const READY_SLOTS: i16 = 8;
-
 /// How long the reclaimer waits for a slot's lock before leaving it for the next pass: a
 /// TRUNCATE waiting for its lock holds up the claims queued behind it.
 const RECLAIM_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '10ms'";
@@ -21,7 +17,8 @@ const RECLAIM_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '10ms'";
 /// How often the sweeper leader reclaims slots (a slot is written for 0.5 s per 4 s turn).
 pub const RECLAIM_EVERY: Duration = Duration::from_millis(500);
 
-/// Slots worth a look: not the one being written, nor its neighbours (a writer whose
+/// Slots worth a look, of the ring's eight (`task_ready_0` … `task_ready_7`, as
+/// `tally_ready_slot()` in migration 0005 counts them): not the one being written, nor its neighbours (a writer whose
 /// clock reading is a moment old may still insert there), and not already empty on disk.
 const CANDIDATES: &str = r#"
 SELECT s::int2
@@ -34,13 +31,11 @@ ORDER BY s
 /// Gives every PENDING task that has no ring row one. Every writer keeps the ring in the
 /// statement that changes the task, so this finds nothing unless something went around
 /// them: a restore without the ring's data, a hand edit, a bug.
-const REPAIR: &str = r#"
-INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
-SELECT tally_ready_slot(), t.id, t.priority, t.seq / 64, t.kind, t.order_id
-FROM order_tasks t
-WHERE t.status = 'PENDING'
-  AND NOT EXISTS (SELECT 1 FROM task_ready r WHERE r.task_id = t.id)
-"#;
+const REPAIR: &str = insert_ready_rows!(
+    "order_tasks t
+    WHERE t.status = 'PENDING'
+      AND NOT EXISTS (SELECT 1 FROM task_ready r WHERE r.task_id = t.id)"
+);
 
 /// What one reclaim pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -74,16 +69,14 @@ impl Store {
             .await?;
         let mut report = ReclaimReport::default();
         for slot in slots {
-            debug_assert!((0..READY_SLOTS).contains(&slot));
             let table = format!("task_ready_{slot}");
+            let any_row = format!("SELECT EXISTS (SELECT 1 FROM {table})");
             let outcome = self
                 .call("reclaiming a ready-ring slot", async {
                     // Cheap look first, without the lock: a slot with a backlog stays.
-                    let occupied: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "SELECT EXISTS (SELECT 1 FROM {table})"
-                    )))
-                    .fetch_one(self.pool())
-                    .await?;
+                    let occupied: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(any_row.clone()))
+                        .fetch_one(self.pool())
+                        .await?;
                     if occupied {
                         return Ok(Some(false));
                     }
@@ -102,11 +95,9 @@ impl Store {
                         Err(e) => return Err(e),
                     }
                     // Under the lock no writer is mid-insert: empty now means empty.
-                    let occupied: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "SELECT EXISTS (SELECT 1 FROM {table})"
-                    )))
-                    .fetch_one(&mut *tx)
-                    .await?;
+                    let occupied: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(any_row.clone()))
+                        .fetch_one(&mut *tx)
+                        .await?;
                     if !occupied {
                         sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {table}")))
                             .execute(&mut *tx)

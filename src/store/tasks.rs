@@ -207,7 +207,7 @@ LEFT JOIN LATERAL (SELECT updated_at FROM kinds WHERE name = c.kind) k ON true
 "#;
 
 /// The claim runs on the connection's cached generic plan (see [`Store::claim_tasks`]).
-pub const GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+const GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
 
 /// The tasks of one claim, by its token, with the columns `CLAIM` returns (through the
 /// small `order_tasks_executing_idx`).
@@ -232,7 +232,8 @@ WHERE t.claimed_by = $1 AND t.status = 'EXECUTING' AND t.claim_token = $2
 ///   the orders are locked in id order so concurrent batches cannot deadlock on them.
 /// - Completion: the order becomes COMPLETED in the same statement that delivers its last
 ///   unit; `needs_attention` is set when every remaining unit is dead-lettered.
-pub const APPLY: &str = r#"
+pub const APPLY: &str = concat!(
+    r#"
 WITH input AS (
     SELECT *
     FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::int[], $6::bigint[],
@@ -271,10 +272,9 @@ upd AS (
 -- A task handed back to PENDING is new work again: it goes back into the ready ring
 -- (FAILED_RETRYING ones are claimed through `order_tasks_retry_idx`).
 requeue AS (
-    INSERT INTO task_ready (slot, task_id, priority, run, kind, order_id)
-    SELECT tally_ready_slot(), id, priority, seq / 64, kind, order_id
-    FROM upd
-    WHERE status = 'PENDING'
+    "#,
+    insert_ready_rows!("upd WHERE status = 'PENDING'"),
+    r#"
 ),
 agg AS (
     SELECT order_id, sum(delivered_delta)::bigint AS d, sum(failed_delta)::bigint AS f,
@@ -330,7 +330,8 @@ SELECT coalesce((SELECT array_agg(id) FROM upd), '{}') AS applied,
        -- Re-queued for immediate claim (hand-back, rescue): the caller wakes workers after
        -- the commit (`Store::wake_tasks`), never with a NOTIFY inside it.
        (SELECT count(*) FROM upd WHERE retry_in_secs = 0) AS requeued
-"#;
+"#
+);
 
 /// Result of [`Store::apply_task_updates`].
 #[derive(Debug, Clone, Default)]
